@@ -1,0 +1,108 @@
+"""A model specialised to one set of input shapes, with its onnxruntime sessions.
+
+Everything here is built once and reused: the normalised graph, its decision and layers, the
+forward "tap" session that returns every requested activation in one run, and one VJP session
+per (upper, lower) pair. Building is guarded by a lock; running sessions is thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import InvalidInputError
+from .graph.gradient import SEED, VJP, VjpGraph, build_vjp_graph
+from .graph.layers import Decision, LayerInfo, candidate_layers, find_decision, layer_info
+from .graph.loader import NormalizedModel
+from .runtime import RuntimeConfig, make_session
+
+
+class CompiledModel:
+    """Normalised graph + sessions for fixed input shapes."""
+
+    def __init__(self, nm: NormalizedModel, runtime: RuntimeConfig, output: str | None, explain_probability: bool) -> None:
+        self.nm = nm
+        self.runtime = runtime
+        graph = nm.graph()
+        self.decision: Decision = find_decision(graph, nm, output, explain_probability)
+        self.layers: list[LayerInfo] = candidate_layers(graph, nm, self.decision)
+        self._graph = graph
+        self._lock = threading.Lock()
+        self._tap_outputs: frozenset[str] = frozenset()
+        self._tap_session: ort.InferenceSession | None = None
+        self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
+        self._layer_infos: dict[str, LayerInfo] = {info.name: info for info in self.layers}
+
+    # -- description --------------------------------------------------------------------------
+    def layer(self, name: str) -> LayerInfo:
+        info = self._layer_infos.get(name)
+        if info is None:
+            with self._lock:
+                info = self._layer_infos[name] = layer_info(self._graph, self.nm, name)
+        return info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.layer(name).shape if name not in self.nm.shapes else tuple(self.nm.shapes[name])
+
+    @property
+    def providers(self) -> list[str]:
+        session = self._tap_session
+        return session.get_providers() if session is not None else []
+
+    # -- running --------------------------------------------------------------------------------
+    def forward(self, feeds: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
+        """Activations of ``names`` for these inputs, all from one forward run."""
+        wanted = list(dict.fromkeys(names))
+        computed = [n for n in wanted if n not in feeds]
+        values = dict(zip(computed, self._session_for(computed).run(computed, dict(feeds)))) if computed else {}
+        return {n: feeds[n] if n in feeds else values[n] for n in wanted}
+
+    def vjp_graph(self, upper: str, lower: str) -> tuple[VjpGraph, ort.InferenceSession]:
+        key = (upper, lower)
+        cached = self._vjp.get(key)
+        if cached is None:
+            with self._lock:
+                cached = self._vjp.get(key)
+                if cached is None:
+                    graph = build_vjp_graph(self.nm, upper, lower)
+                    session = make_session(graph.model, self.runtime, f"gradient graph {lower} <- {upper}")
+                    cached = self._vjp[key] = (graph, session)
+        return cached
+
+    def run_vjp(self, upper: str, lower: str, state: Mapping[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
+        """VJPs for a seed batch [P, *upper_shape[1:]] given forward ``state`` (lower + side inputs)."""
+        graph, session = self.vjp_graph(upper, lower)
+        feeds = {name: state[name] for name in (graph.lower, *graph.side_inputs)}
+        feeds[SEED] = np.ascontiguousarray(seeds, dtype=np.float32)
+        return session.run([VJP], feeds)[0]
+
+    def state_names(self, upper: str, lower: str) -> tuple[str, ...]:
+        """Forward tensors a VJP run needs."""
+        graph, _ = self.vjp_graph(upper, lower)
+        return (graph.lower, *graph.side_inputs)
+
+    def _session_for(self, names: Sequence[str]) -> ort.InferenceSession:
+        if not set(names) <= self._tap_outputs or self._tap_session is None:
+            with self._lock:
+                if not set(names) <= self._tap_outputs or self._tap_session is None:
+                    outputs = self._tap_outputs | set(names)
+                    self._tap_session = make_session(self._tap_model(outputs), self.runtime, "forward model")
+                    self._tap_outputs = frozenset(outputs)
+        assert self._tap_session is not None
+        return self._tap_session
+
+    def _tap_model(self, names: Iterable[str]) -> onnx.ModelProto:
+        """The model with the given tensors as outputs (activation taps)."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.nm.model)
+        del model.graph.output[:]
+        for name in sorted(names):
+            if name not in self.nm.shapes:
+                raise InvalidInputError(f"tensor '{name}' is not in the model")
+            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(self.nm.dtypes[name]))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, list(self.nm.shapes[name])))
+        return model

@@ -1,0 +1,74 @@
+"""Domain errors of the engine.
+
+Every error says *what* is wrong and *where* (op, node, tensor or field). The gRPC layer maps
+them to status codes in one place by their ``kind``; the CLI prints them and exits non-zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request, as in google.rpc.BadRequest."""
+
+    field: str
+    description: str
+
+
+class GapError(Exception):
+    """Base class: a clear, user-facing error. ``kind`` picks the gRPC status code."""
+
+    kind = "invalid_argument"
+
+    def __init__(self, message: str, violations: tuple[FieldViolation, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.violations = violations
+
+
+class InvalidModelError(GapError):
+    """The ONNX model cannot be loaded, normalised or is not a CNN we can explain."""
+
+    kind = "failed_precondition"
+
+
+class UnsupportedOpError(InvalidModelError):
+    """Ops on a gradient path have no gradient rule; lists every one of them at once."""
+
+    def __init__(self, ops: list[tuple[str, str]], where: str) -> None:
+        listed = ", ".join(f"{op} (node '{name}')" for op, name in ops)
+        super().__init__(f"no gradient rule for {len(ops)} op(s) on the path {where}: {listed}")
+        self.ops = ops
+
+
+class UnknownTensorError(GapError):
+    """A tensor or layer name that the model does not have."""
+
+    kind = "not_found"
+
+
+class NotConnectedError(GapError):
+    """``lower`` does not feed ``upper``, so there is no gradient between them."""
+
+
+class InvalidInputError(GapError):
+    """Bad request data: shapes, dtypes, values or options out of range."""
+
+
+class ResourceLimitError(GapError):
+    """A request that would exceed a configured limit."""
+
+    kind = "resource_exhausted"
+
+
+class CancelledError(GapError):
+    """The caller gave up; computation stopped between gradient runs."""
+
+    kind = "cancelled"
+
+
+def invalid(field: str, description: str) -> InvalidInputError:
+    """An InvalidInputError that names the offending field."""
+    return InvalidInputError(f"{field}: {description}", (FieldViolation(field, description),))

@@ -1,0 +1,168 @@
+"""Which tensors of a CNN make sense as decomposition layers, and which tensor is the decision.
+
+Decision: the classifier's logits. When the output comes out of a Softmax (possibly followed by
+reshapes), the Softmax input is the logits; the probabilities can be chosen instead.
+
+Layers: 4-D feature maps with a spatial extent, on a path to the decision. The default
+candidates are the last such tensor of each spatial resolution (a network's stage outputs),
+skipping tensors that only re-lay-out another one (Transpose, Reshape, Identity...).
+Channel axes come from layout propagation: Conv/Pool/BN read and write NCHW; Transposes
+permute the axis; elementwise ops keep it. TensorFlow-style NHWC graphs (Transpose-wrapped
+convolutions) thus get channel axis 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import InvalidModelError, UnknownTensorError
+from .loader import NormalizedModel
+from .rules import NON_DIFFERENTIABLE
+
+NCHW_OPS = frozenset(
+    {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+     "BatchNormalization", "LRN", "InstanceNormalization", "LpPool", "GlobalLpPool"}
+)
+LAYOUT_ONLY = frozenset({"Transpose", "Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
+PASS_THROUGH_AFTER_SOFTMAX = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
+ELEMENTWISE = frozenset(
+    {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+     "Softplus", "Add", "Sub", "Mul", "Div", "Sum", "Mean", "Max", "Min", "Pow", "Sqrt", "Neg", "Identity",
+     "Dropout", "Cast", "Erf", "Exp", "Abs", "Mish", "Gelu"}
+)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A candidate decomposition layer."""
+
+    name: str
+    shape: tuple[int, ...]
+    channel_axis: int
+    op: str  # the op that produces it
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel_axis]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(d for axis, d in enumerate(self.shape) if axis not in (0, self.channel_axis))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The tensor whose entries are explained (logits), and the probabilities if any."""
+
+    logits: str
+    probabilities: str | None
+    shape: tuple[int, ...]
+
+
+def find_decision(graph: gs.Graph, nm: NormalizedModel, output: str | None = None, explain_probability: bool = False) -> Decision:
+    tensors = graph.tensors()
+    name = output or nm.outputs[0]
+    if name not in tensors:
+        raise UnknownTensorError(f"output tensor '{name}' is not in the model (outputs: {nm.outputs})")
+    probabilities = None
+    current = tensors[name]
+    while current.inputs and current.inputs[0].op in PASS_THROUGH_AFTER_SOFTMAX:
+        current = current.inputs[0].inputs[0]
+    if current.inputs and current.inputs[0].op == "Softmax":
+        probabilities = current.name
+        if not explain_probability:
+            name = current.inputs[0].inputs[0].name
+    return Decision(logits=name, probabilities=probabilities, shape=tuple(nm.shapes[name]))
+
+
+def channel_axes(graph: gs.Graph, nm: NormalizedModel) -> dict[str, int]:
+    """Channel axis of every 4-D tensor whose layout can be inferred."""
+    axes: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in NCHW_OPS:
+            for t in [node.inputs[0], node.outputs[0]]:
+                if len(nm.shapes.get(t.name, ())) == 4:
+                    axes[t.name] = 1
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            four_d = [t for t in [*node.inputs, *node.outputs] if t.name and len(nm.shapes.get(t.name, ())) == 4]
+            if node.op == "Transpose" and len(four_d) == 2:
+                perm = list(node.attrs.get("perm", [3, 2, 1, 0]))
+                x, y = node.inputs[0].name, node.outputs[0].name
+                if x in axes and y not in axes:
+                    axes[y] = perm.index(axes[x])
+                    changed = True
+                elif y in axes and x not in axes:
+                    axes[x] = perm[axes[y]]
+                    changed = True
+            elif node.op in ELEMENTWISE:
+                # Broadcasting aligns axes, so all 4-D operands share one layout.
+                known = {axes[t.name] for t in four_d if t.name in axes}
+                if len(known) == 1:
+                    axis = known.pop()
+                    for t in four_d:
+                        if t.name not in axes:
+                            axes[t.name] = axis
+                            changed = True
+    return axes
+
+
+def _ancestors(graph: gs.Graph, name: str) -> set[str]:
+    """Tensors with a differentiable path to ``name``."""
+    seen = {name}
+    for node in reversed(graph.nodes):
+        if node.op in NON_DIFFERENTIABLE:
+            continue
+        if any(t.name in seen for t in node.outputs):
+            seen.update(t.name for t in node.inputs if not isinstance(t, gs.Constant) and t.name)
+    return seen
+
+
+def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision) -> list[LayerInfo]:
+    """Default layers, highest (nearest the decision) first: the last map of each resolution."""
+    feeds = _ancestors(graph, decision.logits)
+    axes = channel_axes(graph, nm)
+    inputs = set(nm.inputs)
+    last_by_resolution: dict[tuple[int, ...], LayerInfo] = {}
+    for node in graph.nodes:
+        if node.op in LAYOUT_ONLY:
+            continue
+        for t in node.outputs:
+            shape = nm.shapes.get(t.name)
+            if t.name not in feeds or t.name in inputs or shape is None or len(shape) != 4 or shape[0] != 1:
+                continue
+            if np.dtype(nm.dtypes.get(t.name, np.float32)).kind != "f":
+                continue
+            info = LayerInfo(t.name, tuple(shape), axes.get(t.name, 1), node.op)
+            if int(np.prod(info.spatial_shape)) <= 1:
+                continue
+            last_by_resolution[info.spatial_shape] = info  # later nodes overwrite earlier ones
+    order = _topo_index(graph)
+    layers = sorted(last_by_resolution.values(), key=lambda i: order[i.name], reverse=True)
+    if not layers:
+        raise InvalidModelError(
+            f"no 4-D feature maps (batch 1, spatial size > 1) feed the decision tensor '{decision.logits}': "
+            "this does not look like a CNN"
+        )
+    return layers
+
+
+def _topo_index(graph: gs.Graph) -> dict[str, int]:
+    return {t.name: i for i, node in enumerate(graph.nodes) for t in node.outputs}
+
+
+def layer_info(graph: gs.Graph, nm: NormalizedModel, name: str) -> LayerInfo:
+    """Describe any tensor chosen explicitly as a layer."""
+    tensors = graph.tensors()
+    if name not in tensors or name not in nm.shapes:
+        raise UnknownTensorError(f"layer '{name}' is not a tensor of the model")
+    shape = nm.shapes[name]
+    axes = channel_axes(graph, nm)
+    producer = tensors[name].inputs[0].op if tensors[name].inputs else "Input"
+    axis = axes.get(name, 1 if len(shape) >= 2 else 0)
+    return LayerInfo(name, tuple(shape), axis, producer)
