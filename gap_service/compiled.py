@@ -7,6 +7,7 @@ per (upper, lower) pair. Building is guarded by a lock; running sessions is thre
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -20,6 +21,8 @@ from .graph.layers import Decision, LayerInfo, candidate_layers, find_decision, 
 from .graph.loader import NormalizedModel
 from .runtime import RuntimeConfig, make_session
 
+log = logging.getLogger(__name__)
+
 
 class CompiledModel:
     """Normalised graph + sessions for fixed input shapes."""
@@ -32,7 +35,12 @@ class CompiledModel:
         self.layers: list[LayerInfo] = candidate_layers(graph, nm, self.decision)
         self._graph = graph
         self._lock = threading.Lock()
-        self._tap_outputs: frozenset[str] = frozenset()
+        # Taps every default layer and the decision up front, so the forward session (which holds
+        # all weights) is built once; an explicitly chosen extra tensor rebuilds it with the union.
+        self._tap_outputs: frozenset[str] = frozenset(
+            [info.name for info in self.layers] + [self.decision.logits]
+            + ([self.decision.probabilities] if self.decision.probabilities else [])
+        )
         self._tap_session: ort.InferenceSession | None = None
         self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
         self._layer_infos: dict[str, LayerInfo] = {info.name: info for info in self.layers}
@@ -74,7 +82,7 @@ class CompiledModel:
         return cached
 
     def run_vjp(self, upper: str, lower: str, state: Mapping[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
-        """VJPs for a seed batch [P, *upper_shape[1:]] given forward ``state`` (lower + side inputs)."""
+        """VJPs for a seed batch [P, *shape(upper)] given forward ``state`` (lower + side inputs)."""
         graph, session = self.vjp_graph(upper, lower)
         feeds = {name: state[name] for name in (graph.lower, *graph.side_inputs)}
         feeds[SEED] = np.ascontiguousarray(seeds, dtype=np.float32)
@@ -89,6 +97,7 @@ class CompiledModel:
         if not set(names) <= self._tap_outputs or self._tap_session is None:
             with self._lock:
                 if not set(names) <= self._tap_outputs or self._tap_session is None:
+                    log.info("building the forward session of %s with %d taps", self.nm.model.graph.name, len(self._tap_outputs | set(names)))
                     outputs = self._tap_outputs | set(names)
                     self._tap_session = make_session(self._tap_model(outputs), self.runtime, "forward model")
                     self._tap_outputs = frozenset(outputs)

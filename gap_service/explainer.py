@@ -125,5 +125,4 @@ class Explainer:
         if seeds.shape[0] == 0:
             raise invalid("seeds", "needs at least one seed (P >= 1)")
         state = compiled.forward(feeds, compiled.state_names(upper, lower))
-        grads = compiled.run_vjp(upper, lower, state, seeds.reshape(seeds.shape[0], *upper_shape[1:]))
-        return grads.reshape(seeds.shape[0], *lower_shape)
+        return compiled.run_vjp(upper, lower, state, seeds)

@@ -1,8 +1,9 @@
 """The gradient-graph builder: the one object gradient rules talk to.
 
-Convention: a forward tensor of shape ``[1, *rest]`` (batch 1) has gradients of shape
-``[P, *rest]``: the P seeds of one run take the place of the batch axis, so forward values
-(batch 1) broadcast against gradients in ordinary ONNX ops.
+Convention: the gradients of a forward tensor of shape ``s`` have shape ``[P, *s]``: one row per
+seed, in front of the forward shape. Forward values then broadcast against gradients in
+ordinary ONNX ops (numpy broadcasting aligns trailing axes), and forward axis ``a`` is gradient
+axis ``a + 1``. Ops with batch-first kernels (Conv, pooling) fold P into the forward batch of 1.
 """
 
 from __future__ import annotations
@@ -105,28 +106,44 @@ class GradBuilder:
     def reduce_sum(self, tensor: Tensor, axes: Sequence[int], keepdims: bool = True) -> Tensor:
         return self.op("ReduceSum", [tensor, self.ints(axes)], {"keepdims": int(keepdims)})
 
-    def reshape_batch(self, grad: Tensor, forward_shape: Sequence[int]) -> Tensor:
-        """Reshape a gradient to ``[P, *forward_shape[1:]]`` (the forward batch must be 1)."""
+    def as_grad(self, tensor: Tensor, forward_shape: Sequence[int]) -> Tensor:
+        """Reshape to the gradient layout ``[P, *forward_shape]``."""
+        return self.op("Reshape", [tensor, self.ints([-1, *forward_shape])])
+
+    def fold_seeds(self, grad: Tensor, forward_shape: Sequence[int], what: str) -> Tensor:
+        """``[P, 1, *rest]`` -> ``[P, *rest]``: the seeds become the batch of a batch-first kernel."""
+        if not forward_shape or forward_shape[0] != 1:
+            raise RuleError(f"{what} needs a forward batch of 1, the tensor has shape {list(forward_shape)}")
         return self.op("Reshape", [grad, self.ints([-1, *forward_shape[1:]])])
 
+    @staticmethod
+    def grad_axis(axis: int, forward_rank: int) -> int:
+        """Forward axis -> the same axis in the gradient layout."""
+        return axis % forward_rank + 1
+
     def unbroadcast(self, grad: Tensor, input_shape: Sequence[int], output_shape: Sequence[int]) -> Tensor:
-        """Sum a gradient over the axes along which ``input_shape`` was broadcast."""
+        """Sum a gradient over the axes along which ``input_shape`` was broadcast (numpy rules)."""
         if tuple(input_shape) == tuple(output_shape):
             return grad
-        if len(input_shape) != len(output_shape):
-            raise RuleError(f"broadcast from rank {len(input_shape)} to rank {len(output_shape)} on a gradient path")
-        axes = [a for a in range(1, len(output_shape)) if input_shape[a] == 1 and output_shape[a] != 1]
-        return self.reduce_sum(grad, axes) if axes else grad
+        extra = len(output_shape) - len(input_shape)
+        axes = list(range(1, extra + 1)) + [
+            1 + extra + i for i, size in enumerate(input_shape) if size == 1 and output_shape[extra + i] != 1
+        ]
+        summed = self.reduce_sum(grad, axes) if axes else grad
+        return self.as_grad(summed, input_shape) if extra else summed
 
     def zeros_like_grad(self, like: Tensor, forward_shape: Sequence[int]) -> Tensor:
-        """Zeros of shape ``[P, *forward_shape[1:]]`` where P is taken from the gradient ``like``."""
+        """Zeros of shape ``[P, *forward_shape]`` where P is taken from the gradient ``like``."""
         batch = self.op("Slice", [self.op("Shape", [like]), self.ints([0]), self.ints([1])])
-        shape = self.op("Concat", [batch, self.ints(forward_shape[1:])], {"axis": 0})
+        shape = self.op("Concat", [batch, self.ints(forward_shape)], {"axis": 0})
         zero = gs.Constant("zero", np.zeros([1], dtype=self.float_dtype))
         return self.op("ConstantOfShape", [shape], {"value": zero})
 
     def along_axis(self, tensor: Tensor, matrix: np.ndarray, axis: int, rank: int) -> Tensor:
-        """``out[.., i, ..] = sum_j matrix[i, j] * tensor[.., j, ..]`` along one axis, as a MatMul."""
+        """``out[.., i, ..] = sum_j matrix[i, j] * tensor[.., j, ..]`` along one axis, as a MatMul.
+
+        ``axis`` and ``rank`` are those of ``tensor`` itself (gradient layout for gradients).
+        """
         axis = axis % rank
         matrix_t = np.ascontiguousarray(matrix.T.astype(self.float_dtype))
         if axis == rank - 1:

@@ -1,5 +1,6 @@
 """Vector-Jacobian subgraphs: from a forward model and two tensors, build the ONNX graph
-that maps P seeds on ``upper`` to the P gradients d<seed, upper>/d lower in one run.
+that maps P seeds on ``upper`` ([P, *shape(upper)]) to the P gradients d<seed, upper>/d lower
+([P, *shape(lower)]) in one run; see builder.py for the gradient layout.
 
 The graph recomputes the forward cone from ``lower`` to ``upper`` at batch 1 (so the rules can
 read forward values such as ReLU masks or argmax indices) and then runs the rules in reverse
@@ -85,20 +86,11 @@ def find_cone(graph: gs.Graph, nm: NormalizedModel, upper: str, lower: str) -> C
     return Cone(cone, needed & downstream, list(side.values()))
 
 
-def check_cone(cone: Cone, nm: NormalizedModel, where: str) -> None:
-    """Fail before building anything: every op needs a rule, every path tensor a batch axis."""
+def check_cone(cone: Cone, where: str) -> None:
+    """Fail before building anything, listing every op on the path that has no rule."""
     missing = [(n.op, n.name) for n in cone.nodes if n.op not in RULES]
     if missing:
         raise UnsupportedOpError(missing, where)
-    for node in cone.nodes:
-        for t in node.outputs:
-            if t.name in cone.path_tensors:
-                shape = nm.shapes.get(t.name)
-                if not shape or shape[0] != 1:
-                    raise InvalidModelError(
-                        f"tensor '{t.name}' (output of {node.op} node '{node.name}') has shape {shape}: "
-                        "tensors on a gradient path need a leading batch axis of size 1"
-                    )
 
 
 def build_vjp_graph(nm: NormalizedModel, upper: str, lower: str) -> VjpGraph:
@@ -106,14 +98,14 @@ def build_vjp_graph(nm: NormalizedModel, upper: str, lower: str) -> VjpGraph:
     graph = nm.graph()
     cone = find_cone(graph, nm, upper, lower)
     where = f"from '{lower}' to '{upper}'"
-    check_cone(cone, nm, where)
+    check_cone(cone, where)
     tensors = graph.tensors()
     lower_t, upper_t = tensors[lower], tensors[upper]
     for t in [lower_t, *cone.side_inputs]:
         t.inputs.clear()
         t.dtype = nm.dtypes[t.name]
         t.shape = list(nm.shapes[t.name])
-    seed = gs.Variable(SEED, dtype=np.float32, shape=["P", *nm.shapes[upper][1:]])
+    seed = gs.Variable(SEED, dtype=np.float32, shape=["P", *nm.shapes[upper]])
     graph.nodes = list(cone.nodes)
     graph.inputs = [lower_t, *cone.side_inputs, seed]
 
@@ -134,7 +126,7 @@ def build_vjp_graph(nm: NormalizedModel, upper: str, lower: str) -> VjpGraph:
     if not grads.get(lower):
         raise NotConnectedError(f"no gradient reaches '{lower}' from '{upper}'")
     result = builder.add_all(grads[lower])
-    output = gs.Variable(VJP, dtype=np.float32, shape=["P", *nm.shapes[lower][1:]])
+    output = gs.Variable(VJP, dtype=np.float32, shape=["P", *nm.shapes[lower]])
     graph.layer(op="Identity", inputs=[result], outputs=[output])
     graph.outputs = [output]
     graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -4,8 +4,9 @@ Decision: the classifier's logits. When the output comes out of a Softmax (possi
 reshapes), the Softmax input is the logits; the probabilities can be chosen instead.
 
 Layers: 4-D feature maps with a spatial extent, on a path to the decision. The default
-candidates are the last such tensor of each spatial resolution (a network's stage outputs),
-skipping tensors that only re-lay-out another one (Transpose, Reshape, Identity...).
+candidates form a chain down from the decision: each is the last (topologically) map feeding the
+one above it at a spatial resolution not used yet, i.e. a network's stage outputs. Tensors that
+only re-lay-out another one (Transpose, Reshape, Identity...) are skipped.
 Channel axes come from layout propagation: Conv/Pool/BN read and write NCHW; Transposes
 permute the axis; elementwise ops keep it. TensorFlow-style NHWC graphs (Transpose-wrapped
 convolutions) thus get channel axis 3.
@@ -124,26 +125,35 @@ def _ancestors(graph: gs.Graph, name: str) -> set[str]:
 
 
 def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision) -> list[LayerInfo]:
-    """Default layers, highest (nearest the decision) first: the last map of each resolution."""
-    feeds = _ancestors(graph, decision.logits)
+    """Default layers, highest (nearest the decision) first, each feeding the one before."""
     axes = channel_axes(graph, nm)
     inputs = set(nm.inputs)
-    last_by_resolution: dict[tuple[int, ...], LayerInfo] = {}
+    order = _topo_index(graph)
+    maps: list[LayerInfo] = []
     for node in graph.nodes:
         if node.op in LAYOUT_ONLY:
             continue
         for t in node.outputs:
             shape = nm.shapes.get(t.name)
-            if t.name not in feeds or t.name in inputs or shape is None or len(shape) != 4 or shape[0] != 1:
+            if t.name in inputs or shape is None or len(shape) != 4 or shape[0] != 1:
                 continue
             if np.dtype(nm.dtypes.get(t.name, np.float32)).kind != "f":
                 continue
             info = LayerInfo(t.name, tuple(shape), axes.get(t.name, 1), node.op)
-            if int(np.prod(info.spatial_shape)) <= 1:
-                continue
-            last_by_resolution[info.spatial_shape] = info  # later nodes overwrite earlier ones
-    order = _topo_index(graph)
-    layers = sorted(last_by_resolution.values(), key=lambda i: order[i.name], reverse=True)
+            if int(np.prod(info.spatial_shape)) > 1:
+                maps.append(info)
+    layers: list[LayerInfo] = []
+    used: set[tuple[int, ...]] = set()
+    current = decision.logits
+    while True:
+        feeding = _ancestors(graph, current) - {current}
+        options = [m for m in maps if m.name in feeding and m.spatial_shape not in used]
+        if not options:
+            break
+        chosen = max(options, key=lambda m: order[m.name])
+        layers.append(chosen)
+        used.add(chosen.spatial_shape)
+        current = chosen.name
     if not layers:
         raise InvalidModelError(
             f"no 4-D feature maps (batch 1, spatial size > 1) feed the decision tensor '{decision.logits}': "

@@ -18,8 +18,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from ..errors import InvalidInputError, InvalidModelError
+
+G_LOGGER.severity = G_LOGGER.ERROR  # its folding chatter is not for our users
 
 MIN_OPSET = 13
 UPGRADE_TO_OPSET = 17
@@ -134,9 +137,9 @@ def normalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] 
     model = copy.deepcopy(model)
     _drop_initializer_inputs(model)
     shapes = resolve_input_shapes(input_specs(model), input_shapes)
-    model = _upgrade_opset(model)
     _fix_input_shapes(model, shapes)
-    model = _fold_constants(model)
+    model = _fold_constants(model)  # first: the version converter needs weights with known shapes
+    model = _upgrade_opset(model)
     model = _infer_shapes(model)
     tensor_shapes, tensor_dtypes = _collect_shapes(model)
     _probe_missing_shapes(model, shapes, tensor_shapes, tensor_dtypes)
@@ -156,6 +159,7 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
     kept = [v for v in model.graph.input if v.name not in initializers]
     del model.graph.input[:]
     model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)  # IR >= 4 lets initializers stand alone
 
 
 def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -77,9 +77,10 @@ def conv(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tens
     weight_value = b.value(weight)
     kernel = list(weight_value.shape[2:]) if weight_value is not None else list(b.shape(weight)[2:])
     in_sizes, out_sizes, strides, dilations, begins, ends = _geometry(b, node, x, node.outputs[0], kernel)
-    dx = conv_input_grad(b, grads[0], weight, weight_value, int(node.attrs.get("group", 1)),
+    folded = b.fold_seeds(grads[0], b.shape(node.outputs[0]), "Conv")
+    dx = conv_input_grad(b, folded, weight, weight_value, int(node.attrs.get("group", 1)),
                          in_sizes, out_sizes, strides, dilations, begins, ends)
-    return [dx, None, None][: len(node.inputs)]
+    return [b.as_grad(dx, b.shape(x)), None, None][: len(node.inputs)]
 
 
 def conv_transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -97,12 +98,13 @@ def conv_transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) ->
     else:
         pads = list(node.attrs.get("pads", [0] * (2 * spatial)))
         begins, ends = pads[:spatial], pads[spatial:]
+    folded = b.fold_seeds(grads[0], b.shape(node.outputs[0]), "ConvTranspose")
     dx = b.op(
         "Conv",
-        [grads[0], weight],
+        [folded, weight],
         {"strides": strides, "dilations": dilations, "group": int(node.attrs.get("group", 1)), "pads": begins + ends},
     )
-    return [dx, None, None][: len(node.inputs)]
+    return [b.as_grad(dx, b.shape(x)), None, None][: len(node.inputs)]
 
 
 def _transpose_pads_from_shapes(in_sizes, out_sizes, kernel, strides, dilations, node) -> tuple[list[int], list[int]]:

@@ -46,12 +46,12 @@ def lrn(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tenso
     beta = float(node.attrs.get("beta", 0.75))
     bias = float(node.attrs.get("bias", 1.0))
     band = _band(shape[1], size)
-    window_sum = b.along_axis(b.mul(x, x), band, axis=1, rank=rank)
+    window_sum = b.along_axis(b.mul(x, x), band, axis=1, rank=rank)  # forward layout
     d = b.op("Add", [b.mul(window_sum, np.float32(alpha / size)), np.float32(bias)])
     d_neg_beta = b.op("Pow", [d, np.float32(-beta)])
     direct = b.mul(grads[0], d_neg_beta)
     through = b.mul(b.mul(grads[0], x), b.op("Div", [d_neg_beta, d]))
-    spread = b.along_axis(through, band.T, axis=1, rank=rank)
+    spread = b.along_axis(through, band.T, axis=2, rank=rank + 1)  # gradient layout
     cross = b.mul(b.mul(spread, x), np.float32(2 * alpha * beta / size))
     return [b.op("Sub", [direct, cross])]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..builder import GradBuilder, Tensor
+from ..builder import GradBuilder, RuleError, Tensor
 from ._geometry import explicit_pads, transpose_padding
 
 
@@ -33,12 +33,14 @@ def _window(b: GradBuilder, node: gs.Node, x: Tensor):
 
 def scatter_max_grad(b: GradBuilder, grad: Tensor, indices: Tensor, x_shape: tuple[int, ...]) -> Tensor:
     """Scatter-add dy into zeros shaped like x at the forward argmax indices (flat, batch 1)."""
+    if x_shape[0] != 1:
+        raise RuleError(f"max pooling needs a forward batch of 1, the input has shape {list(x_shape)}")
     flat = b.op("Reshape", [grad, b.ints([0, -1])])
     index_row = b.op("Reshape", [indices, b.ints([1, -1])])
     index_rows = b.op("Expand", [index_row, b.op("Shape", [flat])])
-    zeros = b.zeros_like_grad(grad, (1, int(np.prod(x_shape[1:]))))
+    zeros = b.zeros_like_grad(grad, (int(np.prod(x_shape)),))
     scattered = b.op("ScatterElements", [zeros, index_rows, flat], {"axis": 1, "reduction": "add"})
-    return b.reshape_batch(scattered, x_shape)
+    return b.as_grad(scattered, x_shape)
 
 
 def max_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -62,7 +64,7 @@ def average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> l
     x = node.inputs[0]
     in_sizes, out_sizes, kernel, strides, dilations, begins, ends = _window(b, node, x)
     inverse_divisor = _inverse_divisor(node, in_sizes, kernel, strides, dilations, begins, out_sizes)
-    scaled = b.mul(grads[0], inverse_divisor[None, None])
+    scaled = b.fold_seeds(b.mul(grads[0], inverse_divisor), b.shape(node.outputs[0]), "AveragePool")
     channels = b.shape(x)[1]
     ones = np.ones([channels, 1, *kernel], dtype=b.float_dtype)
     geometry = [transpose_padding(i, o, k, s, d, p) for i, o, k, s, d, p in zip(in_sizes, out_sizes, kernel, strides, dilations, begins)]
@@ -77,7 +79,7 @@ def average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> l
             "output_padding": [g[2] for g in geometry],
         },
     )
-    return [dx]
+    return [b.as_grad(dx, b.shape(x))]
 
 
 def _inverse_divisor(node, in_sizes, kernel, strides, dilations, begins, out_sizes) -> np.ndarray:
@@ -100,7 +102,7 @@ def _inverse_divisor(node, in_sizes, kernel, strides, dilations, begins, out_siz
 def global_average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     x_shape = b.shape(node.inputs[0])
     scale = 1.0 / float(np.prod(x_shape[2:]))
-    spread = b.op("Expand", [b.mul(grads[0], np.float32(scale)), b.ints([1, *x_shape[1:]])])
+    spread = b.op("Expand", [b.mul(grads[0], np.float32(scale)), b.ints([1, *x_shape])])
     return [spread]
 
 

@@ -25,8 +25,8 @@ def _spread(b: GradBuilder, node: gs.Node, grad: Tensor, axes: list[int]) -> Ten
     """dy with the reduced axes restored (size 1), expanded to the input's shape."""
     shape = b.shape(node.inputs[0])
     if not int(node.attrs.get("keepdims", 1)) and axes:
-        grad = b.op("Unsqueeze", [grad, b.ints(axes)])
-    return b.op("Expand", [grad, b.ints([1, *shape[1:]])])
+        grad = b.op("Unsqueeze", [grad, b.ints([a + 1 for a in axes])])
+    return b.op("Expand", [grad, b.ints([1, *shape])])
 
 
 def reduce_sum(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:

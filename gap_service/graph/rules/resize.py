@@ -108,10 +108,8 @@ def resize(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
     for axis in range(rank):
         if in_shape[axis] == out_shape[axis] and math.isclose(scales[axis], 1.0):
             continue
-        if axis == 0:
-            raise RuleError("Resize along the batch axis is not supported")
         matrix = interpolation_matrix(in_shape[axis], out_shape[axis], scales[axis], mode, coordinate_mode, nearest_mode)
-        grad = b.along_axis(grad, matrix.T, axis, rank)
+        grad = b.along_axis(grad, matrix.T, axis + 1, rank + 1)
     return [grad] + [None] * (len(node.inputs) - 1)
 
 

@@ -15,41 +15,31 @@ import onnx_graphsurgeon as gs
 from ..builder import GradBuilder, RuleError, Tensor
 
 
-def _no_batch_axis(axis: int, what: str) -> None:
-    if axis == 0:
-        raise RuleError(f"{what} along the batch axis 0 is not supported on a gradient path")
-
-
 def reshape_back(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
-    return [b.reshape_batch(grads[0], b.shape(node.inputs[0]))] + [None] * (len(node.inputs) - 1)
+    return [b.as_grad(grads[0], b.shape(node.inputs[0]))] + [None] * (len(node.inputs) - 1)
 
 
 def identity(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     return [grads[0]] + [None] * (len(node.inputs) - 1)
 
 
-def cast(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
-    return [grads[0]]
-
-
 def transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     rank = len(b.shape(node.inputs[0]))
     perm = list(node.attrs.get("perm", list(reversed(range(rank)))))
-    if perm[0] != 0:
-        raise RuleError(f"Transpose perm {perm} moves the batch axis")
-    return [b.op("Transpose", [grads[0]], {"perm": [int(a) for a in np.argsort(perm)]})]
+    inverse = [int(a) + 1 for a in np.argsort(perm)]
+    return [b.op("Transpose", [grads[0]], {"perm": [0, *inverse]})]
 
 
 def concat(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     rank = len(b.shape(node.outputs[0]))
     axis = int(node.attrs["axis"]) % rank
-    _no_batch_axis(axis, "Concat")
     result: list[Tensor | None] = []
     offset = 0
     for t in node.inputs:
         size = b.shape(t)[axis]
         if b.needs_grad(t):
-            result.append(b.op("Slice", [grads[0], b.ints([offset]), b.ints([offset + size]), b.ints([axis])]))
+            bounds = [b.ints([offset]), b.ints([offset + size]), b.ints([axis + 1])]
+            result.append(b.op("Slice", [grads[0], *bounds]))
         else:
             result.append(None)
         offset += size
@@ -59,13 +49,12 @@ def concat(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
 def split(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     rank = len(b.shape(node.inputs[0]))
     axis = int(node.attrs.get("axis", 0)) % rank
-    _no_batch_axis(axis, "Split")
     like = next(g for g in grads if g is not None)
     pieces = [
         g if g is not None else b.zeros_like_grad(like, b.shape(out))
         for g, out in zip(grads, node.outputs)
     ]
-    return [b.op("Concat", pieces, {"axis": axis})] + [None] * (len(node.inputs) - 1)
+    return [b.op("Concat", pieces, {"axis": axis + 1})] + [None] * (len(node.inputs) - 1)
 
 
 def expand(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -75,12 +64,10 @@ def expand(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
 def tile(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     shape = b.shape(node.inputs[0])
     repeats = [int(r) for r in b.constant(node.inputs[1], "Tile repeats")]
-    if repeats[0] != 1:
-        raise RuleError("Tile along the batch axis is not supported")
-    # [P, r1*s1, ...] -> [P, r1, s1, ...] -> sum over the repeat axes.
-    split_shape = [-1] + [v for r, s in zip(repeats[1:], shape[1:]) for v in (r, s)]
-    summed = b.reduce_sum(b.op("Reshape", [grads[0], b.ints(split_shape)]), list(range(1, 2 * len(shape) - 1, 2)), keepdims=False)
-    return [summed, None]
+    # [P, r0*s0, r1*s1, ...] -> [P, r0, s0, r1, s1, ...] -> sum over the repeat axes.
+    split_shape = [-1] + [v for r, s in zip(repeats, shape) for v in (r, s)]
+    regrouped = b.op("Reshape", [grads[0], b.ints(split_shape)])
+    return [b.reduce_sum(regrouped, list(range(1, 2 * len(shape), 2)), keepdims=False), None]
 
 
 def _selection(indices: np.ndarray, size: int) -> np.ndarray:
@@ -103,15 +90,12 @@ def slice_(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) % rank
         kept = np.arange(shape[axis])[slice(int(start), int(end), int(step))]
-        if axis == 0 and len(kept) == shape[0]:
-            continue
-        _no_batch_axis(axis, "Slice")
         if int(step) == 1 and len(kept):
             pads_begin[axis], pads_end[axis] = int(kept[0]), int(shape[axis] - kept[-1] - 1)
         else:
-            grad = b.along_axis(grad, _selection(kept, shape[axis]).T, axis, rank)
+            grad = b.along_axis(grad, _selection(kept, shape[axis]).T, axis + 1, rank + 1)
     if any(pads_begin) or any(pads_end):
-        grad = b.op("Pad", [grad, b.ints(pads_begin + pads_end)], {"mode": "constant"})
+        grad = b.op("Pad", [grad, b.ints([0, *pads_begin, 0, *pads_end])], {"mode": "constant"})
     return [grad] + [None] * (len(node.inputs) - 1)
 
 
@@ -120,12 +104,11 @@ def gather(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
     shape = b.shape(x)
     rank = len(shape)
     axis = int(node.attrs.get("axis", 0)) % rank
-    _no_batch_axis(axis, "Gather")
     indices = b.constant(node.inputs[1], "Gather indices").astype(np.int64)
     flat = np.where(indices < 0, indices + shape[axis], indices).reshape(-1)
     out_shape = list(shape[:axis]) + [len(flat)] + list(shape[axis + 1:])
-    grad = b.op("Reshape", [grads[0], b.ints([-1, *out_shape[1:]])])
-    return [b.along_axis(grad, _selection(flat, shape[axis]).T, axis, rank), None]
+    grad = b.as_grad(grads[0], out_shape)
+    return [b.along_axis(grad, _selection(flat, shape[axis]).T, axis + 1, rank + 1), None]
 
 
 def _pad_index(out_len: int, in_len: int, begin: int, mode: str) -> np.ndarray:
@@ -159,22 +142,19 @@ def pad(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tenso
     begins, ends = [0] * rank, [0] * rank
     for i, axis in enumerate(axes):
         begins[axis], ends[axis] = int(pads[i]), int(pads[i + len(axes)])
-    if begins[0] or ends[0]:
-        raise RuleError("Pad along the batch axis 0 is not supported on a gradient path")
     grad = grads[0]
     if mode == "constant" and min(begins + ends) >= 0:
-        starts = begins
-        stops = [b_ + s for b_, s in zip(begins, shape)]
-        grad = b.op("Slice", [grad, b.ints(starts[1:]), b.ints(stops[1:]), b.ints(range(1, rank))])
+        stops = [start + size for start, size in zip(begins, shape)]
+        grad = b.op("Slice", [grad, b.ints(begins), b.ints(stops), b.ints(range(1, rank + 1))])
     else:
-        for axis in range(1, rank):
+        for axis in range(rank):
             if begins[axis] == 0 and ends[axis] == 0:
                 continue
             index = _pad_index(out_shape[axis], shape[axis], begins[axis], mode)
             matrix = np.zeros([out_shape[axis], shape[axis]], dtype=np.float32)
             rows = np.nonzero(index >= 0)[0]
             np.add.at(matrix, (rows, index[rows]), 1.0)
-            grad = b.along_axis(grad, matrix.T, axis, rank)
+            grad = b.along_axis(grad, matrix.T, axis + 1, rank + 1)
     return [grad] + [None] * (len(node.inputs) - 1)
 
 
@@ -185,7 +165,7 @@ RULES = {
     "Unsqueeze": reshape_back,
     "Identity": identity,
     "Dropout": identity,
-    "Cast": cast,
+    "Cast": identity,
     "Transpose": transpose,
     "Concat": concat,
     "Split": split,

@@ -19,12 +19,12 @@ def _axis(b: GradBuilder, node: gs.Node) -> int:
 
 def softmax(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     y = node.outputs[0]
-    inner = b.reduce_sum(b.mul(grads[0], y), [_axis(b, node)])
+    inner = b.reduce_sum(b.mul(grads[0], y), [_axis(b, node) + 1])
     return [b.mul(y, b.op("Sub", [grads[0], inner]))]
 
 
 def log_softmax(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
-    total = b.reduce_sum(grads[0], [_axis(b, node)])
+    total = b.reduce_sum(grads[0], [_axis(b, node) + 1])
     return [b.op("Sub", [grads[0], b.mul(b.op("Exp", [node.outputs[0]]), total)])]
 
 
