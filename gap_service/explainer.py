@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import engine
 from .compiled import CompiledModel
+from .engine import DEFAULT_BATCH_BYTES, ExplainOptions, LevelCallback
+from .explanation import Explanation
 from .errors import InvalidInputError, invalid
 from .graph.layers import Decision, LayerInfo
 from .graph.loader import InputSpec, ModelSource, input_specs, normalize, read_model, resolve_input_shapes
@@ -107,6 +110,36 @@ class Explainer:
 
     def decision(self, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Decision:
         return self.compiled(input_shapes).decision
+
+    # -- explanations ---------------------------------------------------------------------------
+    def explain(
+        self,
+        inputs: Inputs,
+        layers: Sequence[str] | None = None,
+        target: int | None = None,
+        top_k: int = 5,
+        depth: int = 3,
+        min_share: float = 0.0,
+        *,
+        score: str = "net",
+        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+        seeds_per_run: int | None = None,
+        labels: Sequence[str] | None = None,
+        picture: np.ndarray | None = None,
+        on_level: LevelCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Explanation:
+        """Decompose the decision for ``target`` (default: top-1) into a tree of supporting channels."""
+        options = ExplainOptions(
+            layers=tuple(layers) if layers else None, target=target, top_k=top_k, depth=depth,
+            min_share=min_share, score=score, max_batch_bytes=max_batch_bytes, seeds_per_run=seeds_per_run,
+        )
+        options.validate()
+        feeds = self.feeds(inputs)
+        return engine.explain(
+            self.compiled_for(feeds), feeds, options, model_name=self.name, labels=labels,
+            picture=picture, on_level=on_level, should_stop=should_stop,
+        )
 
     # -- gradients ------------------------------------------------------------------------------
     def forward(self, inputs: Inputs, names: Sequence[str]) -> dict[str, np.ndarray]:

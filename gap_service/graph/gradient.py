@@ -38,6 +38,7 @@ class VjpGraph:
     side_inputs: tuple[str, ...]
     upper_shape: tuple[int, ...]
     lower_shape: tuple[int, ...]
+    path_elements: int  # elements of all forward tensors on the path: a per-seed memory estimate
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def build_vjp_graph(nm: NormalizedModel, upper: str, lower: str) -> VjpGraph:
         side_inputs=tuple(t.name for t in cone.side_inputs),
         upper_shape=tuple(nm.shapes[upper]),
         lower_shape=tuple(nm.shapes[lower]),
+        path_elements=sum(int(np.prod(nm.shapes[name])) for name in cone.path_tensors),
     )
 
 

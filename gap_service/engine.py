@@ -1,0 +1,213 @@
+"""gAP hierarchical decomposition: the method itself (see docs/method.md).
+
+One forward run per request; then, level by level, one batched gradient run (chunked to a
+memory bound) decomposes every node of the level into the channels of the next lower layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .compiled import CompiledModel
+from .errors import CancelledError, invalid
+from .explanation import Explanation, Node
+from .methods import SCORE_MODES, CAM_METHODS, channel_scores, contribution, gap_map, supporting_channels
+
+MAX_TOP_K = 64
+DEFAULT_BATCH_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    layers: tuple[str, ...] | None = None
+    target: int | None = None
+    top_k: int = 5
+    depth: int = 3
+    min_share: float = 0.0
+    score: str = "net"
+    max_batch_bytes: int = DEFAULT_BATCH_BYTES
+    seeds_per_run: int | None = None  # None: as many as the memory bound allows; 1: no level batching
+
+    def validate(self) -> None:
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise invalid("top_k", f"{self.top_k} is out of range [1, {MAX_TOP_K}]")
+        if self.depth < 1:
+            raise invalid("depth", f"{self.depth} must be at least 1")
+        if not 0.0 <= self.min_share < 1.0:
+            raise invalid("min_share", f"{self.min_share} is out of range [0, 1)")
+        if self.score not in SCORE_MODES:
+            raise invalid("score", f"'{self.score}' is not one of {list(SCORE_MODES)}")
+        if self.max_batch_bytes <= 0:
+            raise invalid("max_batch_bytes", "must be positive")
+        if self.seeds_per_run is not None and self.seeds_per_run < 1:
+            raise invalid("seeds_per_run", "must be at least 1")
+
+
+@dataclass
+class _Pending:
+    """A node waiting to be decomposed: its seed is ``grad_map`` on one channel of its layer."""
+
+    node_id: int
+    channel: int | None  # None: the root's dense seed
+    grad_map: np.ndarray
+
+
+LevelCallback = Callable[[int, list[Node]], None]
+
+
+def resolve_layers(compiled: CompiledModel, options: ExplainOptions) -> list[str]:
+    candidates = list(options.layers) if options.layers else [info.name for info in compiled.layers]
+    for name in candidates:
+        info = compiled.layer(name)  # raises UnknownTensorError for unknown names
+        if len(info.shape) != 4 or info.shape[0] != 1:
+            raise invalid("layers", f"layer '{name}' has shape {list(info.shape)}; layers must be 4-D feature maps of batch 1")
+    if options.depth > len(candidates):
+        raise invalid("depth", f"{options.depth} exceeds the {len(candidates)} available layers {candidates}")
+    return candidates[: options.depth]
+
+
+def resolve_target(compiled: CompiledModel, logits: np.ndarray, target: int | None) -> int:
+    if target is None:
+        return int(np.argmax(logits))
+    if not 0 <= target < logits.size:
+        raise invalid("target", f"class {target} is out of range [0, {logits.size})")
+    return int(target)
+
+
+def channel_first(values: np.ndarray, channel_axis: int) -> np.ndarray:
+    """[..., *layer_shape] -> [..., C, *spatial] (batch axis of size 1 dropped)."""
+    rank = values.ndim
+    layer_rank = 4
+    lead = rank - layer_rank
+    moved = np.moveaxis(values, lead + channel_axis, lead + 1)
+    return moved.reshape(*values.shape[:lead], *moved.shape[lead + 1 :])
+
+
+def explain(
+    compiled: CompiledModel,
+    feeds: Mapping[str, np.ndarray],
+    options: ExplainOptions,
+    *,
+    model_name: str = "model",
+    labels: Sequence[str] | None = None,
+    picture: np.ndarray | None = None,
+    on_level: LevelCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Explanation:
+    options.validate()
+    layers = resolve_layers(compiled, options)
+    decision = compiled.decision
+    chain = [decision.logits, *layers]
+    pairs = list(zip(chain[:-1], chain[1:]))
+    state_names = {decision.logits, *layers}
+    if decision.probabilities:
+        state_names.add(decision.probabilities)
+    for upper, lower in pairs:
+        state_names.update(compiled.state_names(upper, lower))
+    state = compiled.forward(feeds, sorted(state_names))
+
+    logits = state[decision.logits]
+    target = resolve_target(compiled, logits, options.target)
+    probability = float(state[decision.probabilities].reshape(-1)[target]) if decision.probabilities else None
+    root_seed = np.zeros(logits.shape, dtype=np.float32)
+    root_seed.reshape(-1)[target] = 1.0
+    label = labels[target] if labels is not None and target < len(labels) else None
+
+    first = compiled.layer(layers[0])
+    root = Node(0, None, 0, decision.logits, target, float(logits.reshape(-1)[target]), 1.0,
+                np.zeros(first.spatial_shape, dtype=np.float32))
+    nodes = [root]
+    explanation = Explanation(
+        model=model_name, target=target, label=label, logit=root.score, probability=probability,
+        layers=layers, score_mode=options.score, nodes=nodes,
+        input_hw=_input_hw(compiled), picture=picture,
+    )
+    if on_level is not None:
+        on_level(0, [root])
+
+    frontier = [_Pending(0, None, root_seed)]
+    for level, (upper, lower) in enumerate(pairs, start=1):
+        if not frontier:
+            break
+        info = compiled.layer(lower)
+        activation = channel_first(state[lower], info.channel_axis)
+        upper_info = compiled.layer(upper) if level > 1 else None
+        new_level: list[Node] = []
+        next_frontier: list[_Pending] = []
+        for chunk in _chunks(frontier, _chunk_size(compiled, upper, lower, options)):
+            if should_stop is not None and should_stop():
+                raise CancelledError("explanation cancelled by the caller")
+            seeds = _dense_seeds(chunk, compiled.shape(upper), upper_info.channel_axis if upper_info else None)
+            grads = channel_first(compiled.run_vjp(upper, lower, state, seeds), info.channel_axis)
+            contrib = contribution(grads, activation)
+            scores = channel_scores(contrib, options.score)
+            for row, pending in enumerate(chunk):
+                if pending.node_id == 0:
+                    root.map = gap_map(grads[row], activation)
+                    explanation.cams = {name: fn(grads[row], activation) for name, fn in CAM_METHODS.items()}
+                children = _children(scores[row], options)
+                parent = nodes[pending.node_id]
+                for channel, share in children:
+                    positive = np.maximum(contrib[row, channel], 0)
+                    node = Node(len(nodes), parent.id, level, lower, int(channel), float(scores[row, channel]),
+                                float(share), positive.astype(np.float32))
+                    nodes.append(node)
+                    parent.children.append(node.id)
+                    new_level.append(node)
+                    if level < len(pairs):
+                        seed_map = np.where(contrib[row, channel] > 0, grads[row, channel], 0).astype(np.float32)
+                        next_frontier.append(_Pending(node.id, int(channel), seed_map))
+        if on_level is not None:
+            on_level(level, new_level)
+        frontier = next_frontier
+    return explanation
+
+
+def _children(scores: np.ndarray, options: ExplainOptions) -> list[tuple[int, float]]:
+    positive_total = float(scores[scores > 0].sum())
+    chosen = supporting_channels(scores, options.top_k)
+    result = []
+    for channel in chosen:
+        share = float(scores[channel]) / positive_total if positive_total > 0 else 0.0
+        if share >= options.min_share:
+            result.append((int(channel), share))
+    return result
+
+
+def _dense_seeds(chunk: list[_Pending], upper_shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
+    """Seeds [n, *upper_shape]: the root's one-hot, or one channel's masked gradient each."""
+    seeds = np.zeros((len(chunk), *upper_shape), dtype=np.float32)
+    for row, pending in enumerate(chunk):
+        if pending.channel is None:
+            seeds[row] = pending.grad_map.reshape(upper_shape)
+        else:
+            index: list[int | slice] = [row, 0] + [slice(None)] * (len(upper_shape) - 1)
+            index[1 + channel_axis] = pending.channel  # type: ignore[operator]
+            seeds[tuple(index)] = pending.grad_map
+    return seeds
+
+
+def _chunk_size(compiled: CompiledModel, upper: str, lower: str, options: ExplainOptions) -> int:
+    if options.seeds_per_run is not None:
+        return options.seeds_per_run
+    graph, _ = compiled.vjp_graph(upper, lower)
+    per_seed = 4 * 3 * max(graph.path_elements, 1)  # gradients, temporaries and the forward state
+    return max(1, options.max_batch_bytes // per_seed)
+
+
+def _chunks(items: list[_Pending], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _input_hw(compiled: CompiledModel) -> tuple[int, int]:
+    """Height and width of the (first) image input, from its layout."""
+    name, shape = next(iter(compiled.nm.inputs.items()))
+    if len(shape) != 4:
+        return (1, 1)
+    axes = compiled.layer(name).channel_axis if name in compiled.nm.shapes else 1
+    spatial = [d for axis, d in enumerate(shape) if axis not in (0, axes)]
+    return int(spatial[0]), int(spatial[1])

@@ -1,0 +1,115 @@
+"""The result of an explanation: a tree of supporting channels, each with its evidence map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Node:
+    """One node of the decomposition tree.
+
+    The root (level 0) is the decision: ``layer`` is the logits tensor and ``channel`` the target
+    class. A child at level d is channel ``channel`` of layer l_d supporting its parent;
+    ``score`` is the channel's contribution sum, ``share`` its fraction of the parent's positive
+    contributions, and ``map`` the positive contribution ReLU(C[k]) at layer resolution.
+    """
+
+    id: int
+    parent: int | None
+    level: int
+    layer: str
+    channel: int
+    score: float
+    share: float
+    map: np.ndarray
+    children: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "parent": self.parent,
+            "level": self.level,
+            "layer": self.layer,
+            "channel": self.channel,
+            "score": self.score,
+            "share": self.share,
+            "map_shape": list(self.map.shape),
+            "children": list(self.children),
+        }
+
+
+@dataclass
+class Explanation:
+    """A gAP decomposition of one decision for one input."""
+
+    model: str
+    target: int
+    label: str | None
+    logit: float
+    probability: float | None
+    layers: list[str]
+    score_mode: str
+    nodes: list[Node]
+    input_hw: tuple[int, int]
+    picture: np.ndarray | None = None  # RGB uint8 picture of the input, when known
+    cams: dict[str, np.ndarray] = field(default_factory=dict)  # "gradcam"/"layercam" at layer l_1
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[0]
+
+    def level(self, level: int) -> list[Node]:
+        return [n for n in self.nodes if n.level == level]
+
+    @property
+    def depth(self) -> int:
+        return max(n.level for n in self.nodes)
+
+    def path(self, node_id: int) -> list[int]:
+        """Channels from the root down to this node (the root itself excluded)."""
+        channels = []
+        node = self.nodes[node_id]
+        while node.parent is not None:
+            channels.append(node.channel)
+            node = self.nodes[node.parent]
+        return channels[::-1]
+
+    def upsampled(self, node_id: int) -> np.ndarray:
+        """The node's map stretched to the input resolution (bilinear), for display."""
+        return upsample(self.nodes[node_id].map, self.input_hw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "label": self.label,
+            "logit": self.logit,
+            "probability": self.probability,
+            "layers": list(self.layers),
+            "score": self.score_mode,
+            "input_hw": list(self.input_hw),
+            "nodes": [n.to_dict() for n in self.nodes],
+        }
+
+
+def upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D map (align_corners=False), in numpy."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2:
+        values = values.reshape(values.shape[-2:]) if values.size == int(np.prod(values.shape[-2:])) else values.reshape(1, -1)
+    out_h, out_w = size
+
+    def weights(in_len: int, out_len: int) -> np.ndarray:
+        coord = np.clip((np.arange(out_len) + 0.5) * in_len / out_len - 0.5, 0, in_len - 1)
+        low = np.floor(coord).astype(int)
+        high = np.minimum(low + 1, in_len - 1)
+        matrix = np.zeros((out_len, in_len), dtype=np.float32)
+        np.add.at(matrix, (np.arange(out_len), low), 1 - (coord - low))
+        np.add.at(matrix, (np.arange(out_len), high), coord - low)
+        return matrix
+
+    return weights(values.shape[0], out_h) @ values @ weights(values.shape[1], out_w).T

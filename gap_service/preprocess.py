@@ -1,0 +1,147 @@
+"""Image decoding and per-model preprocessing (resize, crop, scale, mean/std, channel order, layout).
+
+Returns both the model tensor and the RGB picture that the tensor shows (after resize/crop/pad),
+so heatmaps can be laid over exactly what the network saw.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ResourceLimitError, invalid
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input tensor.
+
+    resize: "exact" (to size=[H, W]), "shorter_side" (shorter side to size[0], then center crop
+    to ``crop``) or "fit_height" (height to size[0] keeping the aspect ratio, width capped at
+    size[1], right side padded with zeros: text-line models).
+    """
+
+    resize: str = "exact"
+    size: tuple[int, ...] = (224, 224)
+    crop: tuple[int, int] | None = None
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise invalid("preprocessing", f"unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+        values = dict(data)
+        for key in ("size", "crop", "mean", "std"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.resize not in ("exact", "shorter_side", "fit_height"):
+            raise invalid("preprocessing.resize", f"'{self.resize}' is not one of exact, shorter_side, fit_height")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise invalid("preprocessing.channel_order", f"'{self.channel_order}' is not RGB or BGR")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise invalid("preprocessing.layout", f"'{self.layout}' is not NCHW or NHWC")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise invalid("preprocessing.mean/std", "need three values each, std > 0")
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        if self.crop:
+            return int(self.crop[0]), int(self.crop[1])
+        if self.resize == "shorter_side":
+            raise invalid("preprocessing.crop", "shorter_side resizing needs a crop size for a fixed input shape")
+        return int(self.size[0]), int(self.size[1])
+
+
+def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, field_name: str = "image") -> Image.Image:
+    """Decode PNG/JPEG (or any format Pillow reads) to RGB, refusing corrupt or oversized images."""
+    try:
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else str(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ResourceLimitError(
+                f"{field_name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+            )
+        image.load()
+    except ResourceLimitError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise invalid(field_name, f"cannot decode the image: {exc}") from exc
+    return image.convert("RGB")
+
+
+def _resize(image: Image.Image, config: Preprocessing) -> Image.Image:
+    if config.resize == "exact":
+        return image.resize((int(config.size[1]), int(config.size[0])), Image.Resampling.BILINEAR)
+    if config.resize == "shorter_side":
+        target = int(config.size[0])
+        ratio = target / min(image.size)
+        return image.resize((round(image.width * ratio), round(image.height * ratio)), Image.Resampling.BILINEAR)
+    height, max_width = int(config.size[0]), int(config.size[1])
+    width = min(max_width, math.ceil(height * image.width / image.height))
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    height, width = pixels.shape[:2]
+    ch, cw = crop
+    if height < ch or width < cw:
+        raise invalid("image", f"the resized image {width}x{height} is smaller than the crop {cw}x{ch}")
+    top, left = (height - ch) // 2, (width - cw) // 2
+    return pixels[top : top + ch, left : left + cw]
+
+
+def preprocess(image: Image.Image, config: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """(input tensor [1, ...] float32, the RGB uint8 picture the tensor shows)."""
+    pixels = np.asarray(_resize(image, config), dtype=np.uint8)
+    if config.crop:
+        pixels = _center_crop(pixels, (int(config.crop[0]), int(config.crop[1])))
+    picture = pixels
+    if config.resize == "fit_height":
+        height, max_width = int(config.size[0]), int(config.size[1])
+        picture = np.zeros((height, max_width, 3), dtype=np.uint8)
+        picture[:, : pixels.shape[1]] = pixels
+    channels = pixels[..., ::-1] if config.channel_order == "BGR" else pixels
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    normalised = (channels.astype(np.float32) * np.float32(config.scale) - mean) / std
+    if config.resize == "fit_height":
+        padded = np.zeros((picture.shape[0], picture.shape[1], 3), dtype=np.float32)
+        padded[:, : normalised.shape[1]] = normalised
+        normalised = padded
+    tensor = normalised.transpose(2, 0, 1) if config.layout == "NCHW" else normalised
+    return np.ascontiguousarray(tensor[None], dtype=np.float32), np.ascontiguousarray(picture)
+
+
+def load_preprocessing(path: str | Path) -> Preprocessing:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise invalid("preprocessing", f"cannot read preprocessing file {path}: {exc}") from exc
+    return Preprocessing.from_dict(data.get("preprocessing", data))
+
+
