@@ -19,6 +19,7 @@ from .errors import InvalidInputError
 from .graph.gradient import SEED, VJP, VjpGraph, build_vjp_graph
 from .graph.layers import Decision, LayerInfo, candidate_layers, find_decision, layer_info
 from .graph.loader import NormalizedModel
+from .graph.segment import MASK, build_segment
 from .runtime import RuntimeConfig, make_session
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class CompiledModel:
         )
         self._tap_session: ort.InferenceSession | None = None
         self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
+        self._segments: dict[tuple[str, str, bool], ort.InferenceSession] = {}
         self._layer_infos: dict[str, LayerInfo] = {info.name: info for info in self.layers}
 
     # -- description --------------------------------------------------------------------------
@@ -87,6 +89,25 @@ class CompiledModel:
         feeds = {name: state[name] for name in (graph.lower, *graph.side_inputs)}
         feeds[SEED] = np.ascontiguousarray(seeds, dtype=np.float32)
         return session.run([VJP], feeds)[0]
+
+    def run_segment(
+        self, upper: str, lower: str, state: Mapping[str, np.ndarray], mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``upper`` recomputed from ``lower`` (and side inputs) in ``state``; ``mask`` scales channels."""
+        key = (upper, lower, mask is not None)
+        session = self._segments.get(key)
+        if session is None:
+            with self._lock:
+                session = self._segments.get(key)
+                if session is None:
+                    axis = self.layer(lower).channel_axis if mask is not None else None
+                    model = build_segment(self.nm, upper, lower, axis)
+                    session = self._segments[key] = make_session(model, self.runtime, f"segment {lower} -> {upper}")
+        graph, _ = self.vjp_graph(upper, lower)
+        feeds = {name: state[name] for name in (lower, *graph.side_inputs)}
+        if mask is not None:
+            feeds[MASK] = np.asarray(mask, dtype=np.float32)
+        return session.run([upper], feeds)[0]
 
     def state_names(self, upper: str, lower: str) -> tuple[str, ...]:
         """Forward tensors a VJP run needs."""

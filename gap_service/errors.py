@@ -43,10 +43,18 @@ class UnsupportedOpError(InvalidModelError):
         self.ops = ops
 
 
-class UnknownTensorError(GapError):
-    """A tensor or layer name that the model does not have."""
+class NotFoundError(GapError):
+    """Something named in a request does not exist."""
 
     kind = "not_found"
+
+
+class UnknownTensorError(NotFoundError):
+    """A tensor or layer name that the model does not have."""
+
+
+class UnknownModelError(NotFoundError):
+    """A model name (or version) that the repository does not have."""
 
 
 class NotConnectedError(GapError):

@@ -35,7 +35,7 @@ class Explainer:
         model_path_or_bytes: ModelSource,
         providers: Sequence[str | tuple[str, dict[str, str]]] | None = None,
         *,
-        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
         output: str | None = None,
         explain_probability: bool = False,
         runtime: RuntimeConfig | None = None,
@@ -47,6 +47,8 @@ class Explainer:
         self._runtime = runtime or RuntimeConfig(providers=tuple(providers) if providers else None)
         self._output = output
         self._explain_probability = explain_probability
+        if input_shapes is not None and not isinstance(input_shapes, Mapping):
+            input_shapes = {self.inputs[0].name: tuple(input_shapes)}  # a bare shape: the first input
         self._default_shapes = dict(input_shapes or {})
         self._compiled: OrderedDict[tuple, CompiledModel] = OrderedDict()
         self._lock = threading.Lock()

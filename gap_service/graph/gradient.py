@@ -148,3 +148,9 @@ def _set_opset(model: onnx.ModelProto, version: int) -> None:
     for entry in model.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = version
+
+
+def unsupported_ops(nm: NormalizedModel, upper: str, lower: str) -> list[tuple[str, str]]:
+    """(op type, node name) of every op on the path without a gradient rule."""
+    cone = find_cone(nm.graph(), nm, upper, lower)
+    return [(n.op, n.name) for n in cone.nodes if n.op not in RULES]

@@ -6,7 +6,7 @@ reshapes), the Softmax input is the logits; the probabilities can be chosen inst
 Layers: 4-D feature maps with a spatial extent, on a path to the decision. The default
 candidates form a chain down from the decision: each is the last (topologically) map feeding the
 one above it at a spatial resolution not used yet, i.e. a network's stage outputs. Tensors that
-only re-lay-out another one (Transpose, Reshape, Identity...) are skipped.
+only re-lay-out another one (Transpose, Reshape, Identity...) or pool it are skipped.
 Channel axes come from layout propagation: Conv/Pool/BN read and write NCHW; Transposes
 permute the axis; elementwise ops keep it. TensorFlow-style NHWC graphs (Transpose-wrapped
 convolutions) thus get channel axis 3.
@@ -28,6 +28,8 @@ NCHW_OPS = frozenset(
      "BatchNormalization", "LRN", "InstanceNormalization", "LpPool", "GlobalLpPool"}
 )
 LAYOUT_ONLY = frozenset({"Transpose", "Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
+# Pooled maps copy their input channel by channel: a layer below one would explain it trivially.
+NOT_A_LAYER = LAYOUT_ONLY | {"MaxPool", "AveragePool", "LpPool"}
 PASS_THROUGH_AFTER_SOFTMAX = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
 ELEMENTWISE = frozenset(
     {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
@@ -131,7 +133,7 @@ def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision) -
     order = _topo_index(graph)
     maps: list[LayerInfo] = []
     for node in graph.nodes:
-        if node.op in LAYOUT_ONLY:
+        if node.op in NOT_A_LAYER:
             continue
         for t in node.outputs:
             shape = nm.shapes.get(t.name)

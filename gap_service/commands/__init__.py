@@ -1,0 +1,1 @@
+"""Subcommands of the gap-service CLI; each module has ``register(subparsers)``."""

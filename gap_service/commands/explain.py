@@ -1,0 +1,157 @@
+"""``gap-service explain MODEL INPUT``: explain one image (or a preprocessed .npy tensor)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import invalid
+from ..explainer import Explainer
+from ..explanation import Explanation, Node
+from ..preprocess import Preprocessing, decode_image, load_preprocessing, preprocess
+from ..repository import BUNDLED_REPOSITORY, ModelConfig
+from .common import add_input_shape, input_shapes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("explain", help="decompose a model's decision on one input into a tree of evidence")
+    add_model_arguments(parser)
+    parser.add_argument("--layers", help="comma-separated layer tensors, highest first (default: the candidate layers)")
+    parser.add_argument("--target", type=int, help="class index to explain (default: the top-1 class)")
+    parser.add_argument("--top-k", type=int, default=5, help="children per node (default 5)")
+    parser.add_argument("--depth", type=int, default=3, help="tree depth in layers (default 3)")
+    parser.add_argument("--min-share", type=float, default=0.0, help="drop children below this share of their parent")
+    parser.add_argument("--score", choices=("net", "positive"), default="net", help="channel ranking (default net)")
+    parser.add_argument("--max-batch-mb", type=int, default=256, help="memory bound of one batched gradient run")
+    parser.add_argument("--json", dest="json_out", help="write the tree as JSON here")
+    parser.add_argument("--html", dest="html_out", help="write a self-contained HTML report here")
+    parser.add_argument("--png", dest="png_out", help="write a PNG figure of the top levels here")
+    parser.set_defaults(run=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="an ONNX file, or the name of a model in the bundled repository")
+    parser.add_argument("input", help="an image (PNG/JPEG/...) or a preprocessed .npy tensor")
+    add_input_shape(parser)
+    group = parser.add_argument_group("preprocessing (default: the model's config.json when it has one)")
+    group.add_argument("--preprocessing", help="JSON file with a 'preprocessing' object (or a model config.json)")
+    group.add_argument("--resize", choices=("exact", "shorter_side", "fit_height"))
+    group.add_argument("--size", help="resize target, H,W (or the shorter side)")
+    group.add_argument("--crop", help="center crop H,W")
+    group.add_argument("--mean", help="per-channel mean, e.g. 0.485,0.456,0.406")
+    group.add_argument("--std", help="per-channel std, e.g. 0.229,0.224,0.225")
+    group.add_argument("--scale", type=float, help="pixel scale before mean/std (default 1/255)")
+    group.add_argument("--channel-order", choices=("RGB", "BGR"))
+    group.add_argument("--layout", choices=("NCHW", "NHWC"))
+    parser.add_argument("--labels", help="text file with one class label per line")
+    parser.add_argument("--output", help="explain this output tensor instead of the first graph output")
+
+
+def _numbers(text: str | None, cast=float):
+    return None if text is None else tuple(cast(v) for v in text.split(",") if v)
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[Path, ModelConfig | None]:
+    """An ONNX path (with its repository config.json if it sits in one) or a bundled model name."""
+    path = Path(args.model)
+    if not path.exists() and (BUNDLED_REPOSITORY / args.model / "config.json").is_file():
+        from ..repository import load_repository
+
+        entry = load_repository(BUNDLED_REPOSITORY)[args.model]
+        return entry.path, entry.config
+    config_path = path.parent.parent / "config.json"
+    if path.suffix == ".onnx" and config_path.is_file():
+        return path, ModelConfig.from_file(config_path)
+    return path, None
+
+
+def preprocessing_from_args(args: argparse.Namespace, config: ModelConfig | None) -> Preprocessing:
+    base = load_preprocessing(args.preprocessing) if args.preprocessing else (config.preprocessing if config else Preprocessing())
+    overrides = {
+        "resize": args.resize, "size": _numbers(args.size, int), "crop": _numbers(args.crop, int),
+        "mean": _numbers(args.mean), "std": _numbers(args.std), "scale": args.scale,
+        "channel_order": args.channel_order, "layout": args.layout,
+    }
+    merged = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    merged.validate()
+    return merged
+
+
+def load_input(args: argparse.Namespace, config: ModelConfig | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(model input tensor, display picture or None)."""
+    path = Path(args.input)
+    if not path.is_file():
+        raise invalid("input", f"file not found: {path}")
+    if path.suffix == ".npy":
+        try:
+            tensor = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise invalid("input", f"cannot read {path} as a .npy tensor: {exc}") from exc
+        return tensor, None
+    return preprocess(decode_image(path, field_name="input"), preprocessing_from_args(args, config))
+
+
+def load_labels(args: argparse.Namespace, config: ModelConfig | None) -> list[str] | None:
+    if args.labels:
+        try:
+            return [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise invalid("--labels", f"cannot read {args.labels}: {exc}") from exc
+    return list(config.labels) if config and config.labels else None
+
+
+def build_explainer(args: argparse.Namespace, path: Path, config: ModelConfig | None, tensor: np.ndarray) -> Explainer:
+    probe = Explainer(path, output=args.output or (config.output if config else None))
+    shapes = input_shapes(args, [s.name for s in probe.inputs]) or {probe.inputs[0].name: tuple(tensor.shape)}
+    return Explainer(path, output=args.output or (config.output if config else None), input_shapes=shapes,
+                     name=config.name if config else path.stem)
+
+
+def progress(level: int, nodes: list[Node]) -> None:
+    print(f"  level {level}: {len(nodes)} node(s)", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    path, config = resolve_model(args)
+    tensor, picture = load_input(args, config)
+    explainer = build_explainer(args, path, config, tensor)
+    layers = [name for name in args.layers.split(",") if name] if args.layers else (list(config.layers) if config and config.layers else None)
+    print(f"explaining {path} with depth {args.depth}, top_k {args.top_k}", file=sys.stderr)
+    started = time.perf_counter()
+    explanation = explainer.explain(
+        tensor, layers=layers, target=args.target, top_k=args.top_k, depth=args.depth, min_share=args.min_share,
+        score=args.score, max_batch_bytes=args.max_batch_mb * 2**20, labels=load_labels(args, config),
+        picture=picture, on_level=progress,
+    )
+    elapsed = time.perf_counter() - started
+    print_summary(explanation, elapsed)
+    write_outputs(explanation, args)
+    return 0
+
+
+def print_summary(explanation: Explanation, elapsed: float) -> None:
+    label = f" '{explanation.label}'" if explanation.label is not None else ""
+    probability = f", p={explanation.probability:.3f}" if explanation.probability is not None else ""
+    print(f"class {explanation.target}{label}: logit {explanation.logit:.4f}{probability}; "
+          f"{len(explanation.nodes)} nodes in {elapsed:.2f} s")
+    for node in explanation.level(1):
+        print(f"  {node.layer} channel {node.channel}: score {node.score:.4g}, share {node.share:.1%}")
+
+
+def write_outputs(explanation: Explanation, args: argparse.Namespace) -> None:
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(explanation.to_dict(), indent=2))
+        print(f"wrote {args.json_out}")
+    if args.html_out or args.png_out:
+        from ..report import write_report
+
+        write_report(explanation, html_path=args.html_out, png_path=args.png_out)
+        for out in (args.html_out, args.png_out):
+            if out:
+                print(f"wrote {out}")
