@@ -21,7 +21,6 @@ and inputs, and building a case never disturbs the global torch RNG.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import io
 import math
@@ -91,15 +90,19 @@ def export_onnx(case: TorchCase, opset: int = 17) -> bytes:
     """Export *case* to ONNX with the TorchScript exporter and return the serialized model.
 
     The graph has one input ``"input"`` and one output (:func:`output_name`), all shapes
-    static.  Constant folding is on (so no shape arithmetic survives), but the module is
-    exported in ``TrainingMode.PRESERVE`` so that BatchNorm layers stay
-    ``BatchNormalization`` ops instead of being folded into the preceding conv (the
-    exporter's ``EVAL`` mode would fuse them).
+    static.  The exporter's constant folding is on and :func:`_fold_constant_subgraphs`
+    finishes its job, so no shape arithmetic survives; the module is exported in
+    ``TrainingMode.PRESERVE`` so that BatchNorm layers stay ``BatchNormalization`` ops
+    (the exporter's ``EVAL`` mode would fold them into the preceding conv).
 
     Results are cached per ``(case.name, opset)`` for the life of the process: the name
-    identifies the case, and every builder is deterministic.
+    identifies the case and every builder is deterministic, so do not export a module
+    you have modified under its original name.
     """
-    return _export_cached(case.name, opset, _CaseRef(case))
+    key = (case.name, opset)
+    if key not in _EXPORT_CACHE:
+        _EXPORT_CACHE[key] = _export(case, opset)
+    return _EXPORT_CACHE[key]
 
 
 def sample_input(case: TorchCase, seed: int = 0) -> np.ndarray:
@@ -108,22 +111,10 @@ def sample_input(case: TorchCase, seed: int = 0) -> np.ndarray:
     return rng.standard_normal(case.input_shape, dtype=np.float32)
 
 
-class _CaseRef:
-    """Carries a case into the lru_cache'd exporter without taking part in the cache key."""
-
-    def __init__(self, case: TorchCase) -> None:
-        self.case = case
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _CaseRef)
+_EXPORT_CACHE: dict[tuple[str, int], bytes] = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _export_cached(name: str, opset: int, ref: _CaseRef) -> bytes:
-    case = ref.case
+def _export(case: TorchCase, opset: int) -> bytes:
     buffer = io.BytesIO()
     dummy = torch.from_numpy(sample_input(case))
     with warnings.catch_warnings():
@@ -169,8 +160,8 @@ def _fold_constant_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
         if has_subgraph or not inputs or not all(name in known for name in inputs):
             kept.append(node)
             continue
-        evaluator = ReferenceEvaluator(node)
-        outputs = evaluator.run(None, {name: known[name] for name in inputs})
+        # Only exporter shape plumbing gets here, whose semantics are opset-independent.
+        outputs = ReferenceEvaluator(node).run(None, {name: known[name] for name in inputs})
         for name, value in zip(node.output, outputs):
             known[name] = folded[name] = np.asarray(value)
 
@@ -183,6 +174,13 @@ def _fold_constant_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.initializer.extend(
         numpy_helper.from_array(value, name=name) for name, value in folded.items() if name in used
     )
+    # The exporter could not infer shapes through the unfolded chain (the output got a
+    # symbolic batch dim); re-infer them now that the pads are constants.
+    for output in graph.output:
+        output.type.tensor_type.ClearField("shape")
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    for output, inferred_output in zip(graph.output, inferred.graph.output):
+        output.CopyFrom(inferred_output)
     return model
 
 
@@ -224,8 +222,6 @@ def _finalize(module: nn.Module) -> nn.Module:
         elif isinstance(layer, nn.PReLU):
             with torch.no_grad():
                 layer.weight.uniform_(0.05, 0.3)
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
     return module.eval()
 
 
@@ -329,7 +325,7 @@ class SmallVGG(nn.Module):
         super().__init__()
 
         def conv(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
 
         self.features = nn.Sequential(
             *conv(3, 8), *conv(8, 8), nn.MaxPool2d(2),
@@ -339,7 +335,7 @@ class SmallVGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(32 * 8 * 8, 64),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Dropout(0.5),
             nn.Linear(64, num_classes),
         )
@@ -357,7 +353,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         out_channels = channels * self.expansion
         self.branch = nn.Sequential(
-            ConvBN(in_channels, channels, 3, stride, activation=nn.ReLU(inplace=True)),
+            ConvBN(in_channels, channels, 3, stride, activation=nn.ReLU()),
             ConvBN(channels, out_channels, 3),
         )
         self.downsample: nn.Module = (
@@ -365,7 +361,7 @@ class BasicBlock(nn.Module):
             if stride != 1 or in_channels != out_channels
             else nn.Identity()
         )
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.branch(x) + self.downsample(x))
@@ -380,8 +376,8 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = channels * self.expansion
         self.branch = nn.Sequential(
-            ConvBN(in_channels, channels, 1, activation=nn.ReLU(inplace=True)),
-            ConvBN(channels, channels, 3, stride, activation=nn.ReLU(inplace=True)),
+            ConvBN(in_channels, channels, 1, activation=nn.ReLU()),
+            ConvBN(channels, channels, 3, stride, activation=nn.ReLU()),
             ConvBN(channels, out_channels, 1),
         )
         self.downsample: nn.Module = (
@@ -389,7 +385,7 @@ class Bottleneck(nn.Module):
             if stride != 1 or in_channels != out_channels
             else nn.Identity()
         )
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.branch(x) + self.downsample(x))
@@ -410,11 +406,11 @@ class ResNet(nn.Module):
         stem_width = widths[0]
         if imagenet_stem:  # 7x7 stride-2 conv + 3x3 stride-2 max-pool, as in torchvision
             self.stem = nn.Sequential(
-                ConvBN(3, stem_width, 7, 2, activation=nn.ReLU(inplace=True)),
+                ConvBN(3, stem_width, 7, 2, activation=nn.ReLU()),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         else:
-            self.stem = ConvBN(3, stem_width, 3, activation=nn.ReLU(inplace=True))
+            self.stem = ConvBN(3, stem_width, 3, activation=nn.ReLU())
         stages: list[nn.Module] = []
         in_channels = stem_width
         for index, (depth, width) in enumerate(zip(layers, widths)):
@@ -543,10 +539,10 @@ class DenseLayer(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.BatchNorm2d(in_channels),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv2d(in_channels, 4 * growth, 1, bias=False),
             nn.BatchNorm2d(4 * growth),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),
             nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False),
         )
 
@@ -568,12 +564,12 @@ class SmallDenseNet(nn.Module):
             if block_index == 0:
                 layers += [
                     nn.BatchNorm2d(channels),
-                    nn.ReLU(inplace=True),
+                    nn.ReLU(),
                     nn.Conv2d(channels, channels // 2, 1, bias=False),
                     nn.AvgPool2d(2, stride=2),
                 ]
                 channels //= 2
-        layers += [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        layers += [nn.BatchNorm2d(channels), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(channels, num_classes)
 
@@ -766,6 +762,8 @@ def _make(
             module = _finalize(factory())
             if transform is not None:
                 module = transform(module).eval()
+        # Inputs may require grad; the weights never do (no accidental autograd graphs).
+        module.requires_grad_(False)
         return TorchCase(name=name, module=module, input_shape=input_shape)
 
     build.__name__ = f"build_{name}"
@@ -835,17 +833,22 @@ def zoo_model(name: str, seed: int = 0) -> onnx.ModelProto:
 
     In these files most weights are ``ConstantOfShape`` nodes that fill a tensor with a
     single value; each is replaced by a ``Constant`` node (same node name, same output
-    name) holding random values scaled for the weight's role, so that activations stay
-    in a sane range through the whole network:
+    name) holding random values scaled for the weight's role:
 
     * Conv / Gemm weights: He init, ``N(0, sqrt(2 / fan_in))``; their biases ``N(0, 0.01)``;
-    * BatchNormalization: scale and variance ``U(0.5, 1.5)``, bias and mean ``N(0, 0.1)``;
+    * BatchNormalization: scale ``U(0.5, 1.5)``, bias ``N(0, 0.1)``;
     * Caffe "Scale" layers (``Unsqueeze`` -> ``Mul`` / ``Add``): like BN scale / bias.
+
+    BN running statistics are first drawn like the torch cases' (mean ``N(0, 0.1)``,
+    variance ``U(0.5, 1.5)``) and then calibrated to the actual statistics of a seeded
+    random image (see :func:`_calibrate_zoo_batchnorms`): with random statistics the
+    per-layer gain compounds over 50+ BN layers and the residual sums, and the
+    ResNet-50 / ShuffleNet logits reach 1e4-1e5.
 
     A few small tensors are stored as real initializers holding pre-trained values;
     those are inconsistent with random neighbours (e.g. BN variances of 1e-13 that
     would blow activations up), so they get the same treatment, in place and under
-    their own names.  All other nodes and tensor names are untouched.
+    their own names.  All other nodes and all tensor names are untouched.
     """
     if name not in ZOO_MODELS:
         raise KeyError(f"unknown zoo model {name!r}; known: {ZOO_MODELS}")
@@ -855,27 +858,111 @@ def zoo_model(name: str, seed: int = 0) -> onnx.ModelProto:
     consumers = _consumers(graph)
     initializers = {tensor.name: tensor for tensor in graph.initializer}
 
-    for index, node in enumerate(graph.node):
+    for node in graph.node:
         if node.op_type != "ConstantOfShape":
             continue
         shape = tuple(int(d) for d in numpy_helper.to_array(initializers[node.input[0]]))
-        values = _random_weight(graph, consumers, initializers, node.output[0], shape, rng)
-        constant = onnx.helper.make_node(
-            "Constant",
-            inputs=[],
-            outputs=[node.output[0]],
-            name=node.name,
-            value=numpy_helper.from_array(values),
-        )
-        graph.node[index].CopyFrom(constant)
+        values = _random_weight(consumers, initializers, node.output[0], shape, rng)
+        # Rewrite the node in place: building a new one would copy the (large) tensor twice.
+        del node.input[:]
+        del node.attribute[:]
+        node.op_type = "Constant"
+        attribute = node.attribute.add()
+        attribute.name = "value"
+        attribute.type = onnx.AttributeProto.TENSOR
+        _write_tensor(attribute.t, values)
 
     for tensor in graph.initializer:
         if tensor.data_type != onnx.TensorProto.FLOAT or not consumers.get(tensor.name):
             continue
         shape = tuple(tensor.dims)
-        values = _random_weight(graph, consumers, initializers, tensor.name, shape, rng)
-        tensor.CopyFrom(numpy_helper.from_array(values, name=tensor.name))
+        values = _random_weight(consumers, initializers, tensor.name, shape, rng)
+        _write_tensor(tensor, values)
+
+    _calibrate_zoo_batchnorms(model, seed)
     return model
+
+
+def _write_tensor(tensor: onnx.TensorProto, values: np.ndarray) -> None:
+    """Overwrite *tensor*'s type, shape and data with float32 *values*, keeping its name."""
+    name = tensor.name
+    tensor.Clear()
+    tensor.name = name
+    tensor.data_type = onnx.TensorProto.FLOAT
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+def _weight_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Every constant tensor of *graph* by name: initializers and ``Constant`` node values."""
+    tensors = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            tensors[node.output[0]] = node.attribute[0].t
+    return tensors
+
+
+def _calibrate_zoo_batchnorms(model: onnx.ModelProto, seed: int) -> None:
+    """Set every BatchNormalization's mean/variance to its input's statistics (in place).
+
+    A calibration copy of the graph computes each BN with the statistics of its actual
+    input (like training mode, over the batch and spatial axes) and exposes them as extra
+    outputs; one onnxruntime run on a seeded random image (different from
+    :func:`zoo_input`'s) then yields all of them at once, consistently, since every BN
+    downstream already sees normalised inputs.
+    """
+    bn_nodes = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    if not bn_nodes:
+        return
+    import onnxruntime  # local import: only the zoo helpers need it
+
+    calibration = onnx.ModelProto()
+    calibration.CopyFrom(model)
+    graph = calibration.graph
+    statistics: list[tuple[str, str, str, str]] = []  # (mean output, var output, mean, var)
+    nodes: list[onnx.NodeProto] = []
+    make = onnx.helper.make_node
+    for index, node in enumerate(graph.node):
+        if node.op_type != "BatchNormalization":
+            nodes.append(node)
+            continue
+        x, scale, bias, mean, var = node.input
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        p = f"__calibration_{index}_"
+        nodes += [
+            make("ReduceMean", [x], [p + "mean"], axes=[0, 2, 3], keepdims=1),
+            make("Sub", [x, p + "mean"], [p + "centered"]),
+            make("Mul", [p + "centered", p + "centered"], [p + "squared"]),
+            make("ReduceMean", [p + "squared"], [p + "var"], axes=[0, 2, 3], keepdims=1),
+            make("Constant", [], [p + "eps"], value=numpy_helper.from_array(
+                np.array(epsilon, dtype=np.float32))),
+            make("Add", [p + "var", p + "eps"], [p + "var_eps"]),
+            make("Sqrt", [p + "var_eps"], [p + "std"]),
+            make("Div", [p + "centered", p + "std"], [p + "normalized"]),
+            make("Unsqueeze", [scale], [p + "scale"], axes=[0, 2, 3]),
+            make("Unsqueeze", [bias], [p + "bias"], axes=[0, 2, 3]),
+            make("Mul", [p + "normalized", p + "scale"], [p + "scaled"]),
+            make("Add", [p + "scaled", p + "bias"], [node.output[0]]),
+        ]  # fmt: skip
+        statistics.append((p + "mean", p + "var", mean, var))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    wanted = [name for entry in statistics for name in entry[:2]]
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
+
+    data = zoo_data_input(model)
+    shape = tuple(d.dim_value for d in data.type.tensor_type.shape.dim)
+    image = np.random.default_rng(seed + 1_000_003).standard_normal(shape, dtype=np.float32)
+    session = onnxruntime.InferenceSession(
+        calibration.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    values = dict(zip(wanted, session.run(wanted, {data.name: image})))
+    del calibration, session
+
+    tensors = _weight_tensors(model.graph)
+    for mean_output, var_output, mean, var in statistics:
+        _write_tensor(tensors[mean], values[mean_output].reshape(-1))
+        _write_tensor(tensors[var], values[var_output].reshape(-1))
 
 
 def zoo_data_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
@@ -920,7 +1007,6 @@ _PASS_THROUGH = {"Unsqueeze", "Reshape", "Identity", "Squeeze", "Flatten"}
 
 
 def _random_weight(
-    graph: onnx.GraphProto,
     consumers: dict[str, list[tuple[onnx.NodeProto, int]]],
     initializers: dict[str, onnx.TensorProto],
     tensor: str,
@@ -951,7 +1037,8 @@ def _random_weight(
         else:
             trans_b = any(a.name == "transB" and a.i for a in node.attribute)
             fan_in = user_shape[1] if trans_b else user_shape[0]
-        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(math.sqrt(2.0 / fan_in))
+        values = rng.standard_normal(shape, dtype=np.float32)
+        values *= np.float32(math.sqrt(2.0 / fan_in))
     elif op in ("Conv", "Gemm") and position == 2:
         values = rng.normal(0.0, 0.01, shape)
     elif (op == "BatchNormalization" and position in (1, 4)) or op == "Mul":

@@ -187,6 +187,7 @@ def _register(*op_types: str) -> Callable[[OpFunction], OpFunction]:
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _MAX_POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL_FN = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _torch_pad(pads: Sequence[tuple[int, int]]) -> list[int]:
@@ -195,6 +196,13 @@ def _torch_pad(pads: Sequence[tuple[int, int]]) -> list[int]:
     for begin, end in reversed(list(pads)):
         flat += [begin, end]
     return flat
+
+
+def _pad(x: Tensor, pads: Sequence[tuple[int, int]], value: float = 0.0) -> Tensor:
+    """Constant-pad the trailing ``len(pads)`` axes (no-op when all pads are zero)."""
+    if not any(b or e for b, e in pads):
+        return x
+    return F.pad(x, _torch_pad(pads), value=value)
 
 
 def _explicit_pads(ctx: NodeContext, n_axes: int) -> list[tuple[int, int]]:
@@ -211,7 +219,9 @@ def _same_pads(in_size: int, stride: int, eff_kernel: int, auto_pad: str) -> tup
     return head, total - head
 
 
-def _window_attrs(ctx: NodeContext, n_axes: int, kernel: Sequence[int] | None = None):
+def _window_attrs(
+    ctx: NodeContext, n_axes: int, kernel: Sequence[int] | None = None
+) -> tuple[list[int], list[int], list[int]]:
     """(kernel_shape, strides, dilations) with defaults."""
     kernel = list(ctx.attr("kernel_shape") or kernel or [])
     strides = list(ctx.attr("strides") or [1] * n_axes)
@@ -249,8 +259,9 @@ def _pool_geometry(
 
     Output size: ``floor`` (or ``ceil`` with ``ceil_mode``) of
     ``(in + head + tail - eff_kernel) / stride + 1``; with ``ceil_mode`` a last window that
-    would start beyond ``in + head`` (i.e. entirely in the end padding) is dropped
-    (PyTorch/onnxruntime rule, see ONNX spec of MaxPool-22).
+    would start at or beyond ``in + head`` (i.e. entirely in the end padding) is dropped.
+    That is the onnxruntime (and PyTorch) rule; ONNX shape inference does not apply it and
+    may declare one more output position than onnxruntime produces.
     """
     auto_pad = ctx.attr("auto_pad", "NOTSET")
     ceil_mode = bool(ctx.attr("ceil_mode", 0))
@@ -329,7 +340,7 @@ def op_conv(ctx: NodeContext, x: Tensor, w: Tensor, b: Tensor | None = None) -> 
     n = x.dim() - 2
     kernel, strides, dilations = _window_attrs(ctx, n, list(w.shape[2:]))
     pads = _conv_pads(ctx, list(x.shape[2:]), kernel, strides, dilations)
-    x = F.pad(x, _torch_pad(pads))
+    x = _pad(x, pads)
     return _CONV_FN[n](x, w, b, stride=strides, dilation=dilations, groups=ctx.attr("group", 1))
 
 
@@ -339,9 +350,10 @@ def op_conv_transpose(ctx: NodeContext, x: Tensor, w: Tensor, b: Tensor | None =
 
     The un-cropped size is ``(in - 1) * stride + (k - 1) * dilation + 1 + output_padding``.
     With ``output_shape`` (or SAME auto_pad, target ``in * stride``) the total padding is
-    the excess over the target; onnxruntime puts the larger half at the *end* for
-    NOTSET/SAME_LOWER/VALID and at the *beginning* for SAME_UPPER (the reverse of the
-    wording in the ONNX spec, which onnxruntime follows for the output shape only).
+    the excess over the target, split as in the spec: the larger half goes to the *end* for
+    SAME_UPPER and to the *beginning* otherwise.  A negative total (target larger than the
+    full output, which onnxruntime accepts by less than a stride) extends the output at the
+    *end* with zeros (plus bias) whatever auto_pad says, as onnxruntime does.
     """
     n = x.dim() - 2
     kernel, strides, dilations = _window_attrs(ctx, n, list(w.shape[2:]))
@@ -354,17 +366,19 @@ def op_conv_transpose(ctx: NodeContext, x: Tensor, w: Tensor, b: Tensor | None =
         target = list(output_shape)[-n:] if output_shape else [s * st for s, st in zip(in_sizes, strides)]
         pads = []
         for i in range(n):
-            total = max(0, full[i] - target[i])
-            if auto_pad == "SAME_UPPER":
-                pads.append((total - total // 2, total // 2))
-            else:
+            total = full[i] - target[i]
+            if total < 0:  # target larger than the full output: extended at the end
+                pads.append((0, total))
+            elif auto_pad == "SAME_UPPER":
                 pads.append((total // 2, total - total // 2))
+            else:
+                pads.append((total - total // 2, total // 2))
     elif auto_pad == "VALID":
         pads = [(0, 0)] * n
     else:
         pads = _explicit_pads(ctx, n)
     y = _CONV_T_FN[n](x, w, None, stride=strides, dilation=dilations, groups=ctx.attr("group", 1))
-    y = F.pad(y, _torch_pad([(-head, out_pad[i] - tail) for i, (head, tail) in enumerate(pads)]))
+    y = _pad(y, [(-head, out_pad[i] - tail) for i, (head, tail) in enumerate(pads)])
     if b is not None:
         y = y + b.reshape([1, -1] + [1] * n)
     return y
@@ -395,8 +409,8 @@ def op_batch_norm(
     if ctx.attr("training_mode", 0):
         raise NotImplementedError(f"BatchNormalization {ctx.name!r}: training_mode=1 is not supported")
     shape = [1, -1] + [1] * (x.dim() - 2)
-    inv_std = torch.rsqrt(var + ctx.attr("epsilon", 1e-5)).reshape(shape)
-    y = (x - mean.reshape(shape)) * inv_std * scale.reshape(shape) + bias.reshape(shape)
+    factor = scale * torch.rsqrt(var + ctx.attr("epsilon", 1e-5))
+    y = x * factor.reshape(shape) + (bias - mean * factor).reshape(shape)
     # Optional extra outputs of old opsets (running/saved statistics): pass the inputs through.
     return (y, mean, var, mean, var)[: ctx.n_outputs]
 
@@ -440,10 +454,17 @@ def op_identity(ctx: NodeContext, x: Tensor) -> Tensor:
 
 @_register("Dropout")
 def op_dropout(ctx: NodeContext, x: Tensor, ratio: Tensor | None = None, training: Tensor | None = None) -> OpResult:
-    """Inference-mode Dropout: identity, optional mask output all True."""
+    """Inference-mode Dropout: identity.
+
+    The optional mask output is all True from opset 12; before, onnxruntime returns an
+    all-zero mask (its Dropout-7..11 kernel is an identity that zero-fills the mask), and
+    the oracle follows it.  Before opset 10 the mask has the input's (float) type.
+    """
     if training is not None and bool(_scalar(training)):
         raise NotImplementedError(f"Dropout {ctx.name!r}: training_mode=True is not supported")
-    return (x, torch.ones(x.shape, dtype=torch.bool))[: ctx.n_outputs]
+    mask_dtype = torch.bool if ctx.opset >= 10 else x.dtype
+    mask = torch.full(x.shape, ctx.opset >= 12, dtype=mask_dtype)
+    return (x, mask)[: ctx.n_outputs]
 
 
 @_register("LeakyRelu")
@@ -605,7 +626,7 @@ def op_max_pool(ctx: NodeContext, x: Tensor) -> OpResult:
     kernel, strides, dilations = _window_attrs(ctx, n)
     in_sizes = list(x.shape[2:])
     geo = _pool_geometry(ctx, in_sizes, kernel, strides, dilations)
-    xp = F.pad(x, _torch_pad([(g.head, g.tail + g.extra) for g in geo]), value=-math.inf)
+    xp = _pad(x, [(g.head, g.tail + g.extra) for g in geo], value=-math.inf)
     y, idx = _MAX_POOL_FN[n](xp, kernel, strides, padding=0, dilation=dilations, return_indices=True)
     out_sizes = [g.out for g in geo]
     y = _crop_to(y, out_sizes)
@@ -631,8 +652,11 @@ def op_max_pool(ctx: NodeContext, x: Tensor) -> OpResult:
 
 
 def _window_sum(x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> Tensor:
-    """Sum over (dilated) windows of every channel independently, via a ones kernel."""
+    """Sum over (dilated) windows of every channel independently (no implicit padding)."""
     n = x.dim() - 2
+    if all(d == 1 for d in dilations):
+        # Unpadded average times window size (much faster than a depthwise conv in float64).
+        return _AVG_POOL_FN[n](x, list(kernel), list(strides)) * math.prod(kernel)
     channels = x.shape[1]
     ones = torch.ones([channels, 1, *kernel], dtype=x.dtype)
     return _CONV_FN[n](x, ones, stride=list(strides), dilation=list(dilations), groups=channels)
@@ -651,14 +675,14 @@ def op_average_pool(ctx: NodeContext, x: Tensor) -> Tensor:
     in_sizes = list(x.shape[2:])
     geo = _pool_geometry(ctx, in_sizes, kernel, strides, dilations)
     out_sizes = [g.out for g in geo]
-    xp = F.pad(x, _torch_pad([(g.head, g.tail + g.extra) for g in geo]))
+    xp = _pad(x, [(g.head, g.tail + g.extra) for g in geo])
     sums = _crop_to(_window_sum(xp, kernel, strides, dilations), out_sizes)
     mask = torch.ones([1, 1, *in_sizes], dtype=x.dtype)
     if ctx.attr("count_include_pad", 0):
-        mask = F.pad(mask, _torch_pad([(g.head, g.tail) for g in geo]), value=1.0)
-        mask = F.pad(mask, _torch_pad([(0, g.extra) for g in geo]), value=0.0)
+        mask = _pad(mask, [(g.head, g.tail) for g in geo], value=1.0)
+        mask = _pad(mask, [(0, g.extra) for g in geo], value=0.0)
     else:
-        mask = F.pad(mask, _torch_pad([(g.head, g.tail + g.extra) for g in geo]), value=0.0)
+        mask = _pad(mask, [(g.head, g.tail + g.extra) for g in geo], value=0.0)
     counts = _crop_to(_window_sum(mask, kernel, strides, dilations), out_sizes)
     return sums / counts
 
@@ -1084,9 +1108,10 @@ def _resize(
             out_len = sizes[axis]
             scale = float(np.float32(out_len) / np.float32(in_len))
         else:
+            # The spec multiplies by the roi extent for tf_crop_and_resize; onnxruntime does
+            # not, and the oracle follows onnxruntime.
             scale = float(scales[axis])
-            extent = np.float32(roi[axis + rank] - roi[axis]) if spec.coordinate_mode == "tf_crop_and_resize" else 1
-            out_len = int(np.floor(np.float32(in_len) * np.float32(extent) * np.float32(scale)))
+            out_len = int(np.floor(np.float32(in_len) * np.float32(scale)))
         if out_len == in_len and scale == 1.0 and spec.coordinate_mode != "tf_crop_and_resize":
             continue
         x = _resize_axis(x, axis, out_len, scale, spec, (roi[axis], roi[axis + rank]))
