@@ -7,6 +7,7 @@ per (upper, lower) pair. Building is guarded by a lock; running sessions is thre
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,21 +32,31 @@ class CompiledModel:
     def __init__(self, nm: NormalizedModel, runtime: RuntimeConfig, output: str | None, explain_probability: bool) -> None:
         self.nm = nm
         self.runtime = runtime
-        graph = nm.graph()
-        self.decision: Decision = find_decision(graph, nm, output, explain_probability)
-        self.layers: list[LayerInfo] = candidate_layers(graph, nm, self.decision)
-        self._graph = graph
+        self._graph = nm.graph()
+        self._output = output
+        self._explain_probability = explain_probability
         self._lock = threading.Lock()
-        # Taps every default layer and the decision up front, so the forward session (which holds
-        # all weights) is built once; an explicitly chosen extra tensor rebuilds it with the union.
-        self._tap_outputs: frozenset[str] = frozenset(
-            [info.name for info in self.layers] + [self.decision.logits]
-            + ([self.decision.probabilities] if self.decision.probabilities else [])
-        )
+        self._tap_outputs: frozenset[str] = frozenset()
         self._tap_session: ort.InferenceSession | None = None
         self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
         self._segments: dict[tuple[str, str, bool], ort.InferenceSession] = {}
-        self._layer_infos: dict[str, LayerInfo] = {info.name: info for info in self.layers}
+        self._layer_infos: dict[str, LayerInfo] = {}
+
+    @functools.cached_property
+    def decision(self) -> Decision:
+        return find_decision(self._graph, self.nm, self._output, self._explain_probability)
+
+    @functools.cached_property
+    def layers(self) -> list[LayerInfo]:
+        """Default decomposition layers (discovered on first use: plain VJPs do not need them)."""
+        layers = candidate_layers(self._graph, self.nm, self.decision)
+        self._layer_infos.update({info.name: info for info in layers})
+        # Tap every default layer and the decision at once, so the forward session (which holds
+        # all weights) is built once; an explicitly chosen extra tensor rebuilds it with the union.
+        self._tap_outputs = self._tap_outputs | {info.name for info in layers} | {self.decision.logits} | (
+            {self.decision.probabilities} if self.decision.probabilities else set()
+        )
+        return layers
 
     # -- description --------------------------------------------------------------------------
     def layer(self, name: str) -> LayerInfo:

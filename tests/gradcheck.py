@@ -9,11 +9,13 @@ from gap_service.graph.segment import build_segment
 from support.torch_oracle import TorchGraph
 
 TOLERANCE = 1e-4
-# Directional derivatives on large random networks: a ReLU input within float32 noise of zero
-# may fall on the other side of the kink in the float64 oracle (seen: 1 unit in 500k), which
-# moves the result by ~1e-3. Wrong rules give O(1) errors; tests/test_rules.py checks every
-# rule exactly on small graphs.
-PROJECTED_TOLERANCE = 1e-2
+# Large random-weight graphs, compared per segment: a ReLU input within float32 noise of zero
+# can fall on the other side of the kink in the float64 oracle (seen: 1 unit in 500k flips a
+# whole receptive field of the gradient, ~5e-3), and onnxruntime's fast Sigmoid/Exp are
+# accurate in absolute, not relative, terms deep in saturation (seen: 8e-3 on ppocr_det, whose
+# random-input outputs sit near 1e-6). A wrong rule gives errors of order 1; tests/test_rules.py
+# holds every rule to TOLERANCE on small graphs.
+LARGE_GRAPH_TOLERANCE = 3e-2
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -37,27 +39,11 @@ def segment_oracle(explainer: Explainer, inputs: dict[str, np.ndarray], upper: s
     return oracle, {name: state[name] for name in names}
 
 
-def projected_error(ours: np.ndarray, reference: np.ndarray, rng: np.random.Generator) -> float:
-    """Relative error of <g_p, v> over seeds p, for a random direction v.
-
-    Large random networks put a few ReLU inputs within float32 noise of zero, and a mask that
-    flips there changes a whole receptive field of the gradient: element-wise comparison then
-    measures float32 noise at kinks, not the rules. Directional derivatives (what finite
-    differences measure too) average that out while any wrong rule still shows.
-    """
-    direction = rng.standard_normal(ours.shape[1:])
-    ours_dir = (ours.astype(np.float64) * direction).reshape(len(ours), -1).sum(axis=1)
-    reference_dir = (reference * direction).reshape(len(reference), -1).sum(axis=1)
-    scale = float(np.abs(reference_dir).max())
-    return float(np.abs(ours_dir - reference_dir).max()) / max(scale, 1e-30)
-
-
 def check_chain(explainer: Explainer, oracle: TorchGraph | None, inputs: dict[str, np.ndarray], sizes=(1, 7, 64),
-                seed: int = 0, depth: int | None = None, projected: bool = False) -> list[tuple[str, str, int, float]]:
+                seed: int = 0, depth: int | None = None, tolerance: float = TOLERANCE) -> list[tuple[str, str, int, float]]:
     """VJPs for logits -> l1 and every consecutive pair of candidate layers, for each seed count.
 
-    ``oracle=None`` uses a segment oracle per pair (see ``segment_oracle``); ``projected``
-    compares directional derivatives (see ``projected_error``) instead of every element.
+    ``oracle=None`` uses a segment oracle per pair (see ``segment_oracle``).
     """
     compiled = explainer.compiled({k: v.shape for k, v in inputs.items()})
     chain = [compiled.decision.logits, *[info.name for info in compiled.layers]]
@@ -72,8 +58,7 @@ def check_chain(explainer: Explainer, oracle: TorchGraph | None, inputs: dict[st
             ours = explainer.vjp(inputs, upper, lower, seeds)
             reference = pair_oracle.vjp(oracle_inputs, upper, lower, seeds.astype(np.float64))
             assert ours.shape == reference.shape, (upper, lower, ours.shape, reference.shape)
-            error = projected_error(ours, reference, rng) if projected else relative_error(ours, reference)
+            error = relative_error(ours, reference)
             results.append((upper, lower, count, error))
-            limit = PROJECTED_TOLERANCE if projected else TOLERANCE
-            assert error < limit, f"{lower} <- {upper} with P={count}: relative error {error:.2e}"
+            assert error < tolerance, f"{lower} <- {upper} with P={count}: relative error {error:.2e}"
     return results

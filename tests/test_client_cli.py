@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from test_server import MODEL, SERVER_ARGS, sample_png, sample_tensor  # the same shared server
 
 from gap_service.repository import BUNDLED_REPOSITORY, load_repository
 from gap_service.server.process import shared_server
-
-from test_server import MODEL, SERVER_ARGS, sample_png, sample_tensor  # noqa: E402 - the same shared server
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -139,7 +139,9 @@ def normalize(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] 
     shapes = resolve_input_shapes(input_specs(model), input_shapes)
     _fix_input_shapes(model, shapes)
     model = _fold_constants(model)  # first: the version converter needs weights with known shapes
-    model = _upgrade_opset(model)
+    if default_opset(model) < MIN_OPSET:
+        # The converter's adapters add Constant nodes (e.g. axes moved from attributes to inputs).
+        model = _fold_constants(_upgrade_opset(model))
     model = _infer_shapes(model)
     tensor_shapes, tensor_dtypes = _collect_shapes(model)
     _probe_missing_shapes(model, shapes, tensor_shapes, tensor_dtypes)
@@ -164,8 +166,6 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
 
 def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = default_opset(model)
-    if opset >= MIN_OPSET:
-        return model
     try:
         upgraded = version_converter.convert_version(model, UPGRADE_TO_OPSET)
     except Exception as exc:

@@ -1,0 +1,71 @@
+"""``gap-service serve``: serve a model repository over gRPC (see docs/service.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..repository import BUNDLED_REPOSITORY
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model repository over gRPC",
+        description="Serve gAP explanations over gRPC (gap.v1.GapService, health, reflection) with Prometheus metrics.",
+    )
+    parser.add_argument("--model-repository", type=Path, default=BUNDLED_REPOSITORY, metavar="DIR",
+                        help="model repository: DIR/<model>/config.json and DIR/<model>/<version>/model.onnx "
+                             "(default: the bundled repository)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME", help="serve only these models (repeatable)")
+    parser.add_argument("--host", default="[::]", help="address to listen on (default: all interfaces)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free port and logs it (default: 50051)")
+    parser.add_argument("--metrics-host", default="0.0.0.0", help="address of the Prometheus endpoint")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="Prometheus /metrics port; 0 picks a free port, -1 turns it off (default: 9090)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-concurrent", type=int, default=0, metavar="N",
+                        help="explanations computed at once (default: 4 on GPU, cores/4 on CPU, at least 1)")
+    limits.add_argument("--max-queue", type=int, default=64, metavar="N",
+                        help="explanations waiting for a slot; beyond that RESOURCE_EXHAUSTED (default: 64)")
+    limits.add_argument("--max-tree-nodes", type=int, default=2000, metavar="N",
+                        help="most nodes one explanation may produce, judged by its worst case (default: 2000)")
+    limits.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="N",
+                        help="largest decoded image in pixels (default: 40,000,000)")
+    limits.add_argument("--max-request-bytes", type=int, default=64 * 2**20, metavar="N",
+                        help="largest request message (default: 64 MiB)")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                         help="onnxruntime execution provider (default: CUDA when available, else CPU)")
+    runtime.add_argument("--threads", type=int, default=0, metavar="N",
+                         help="intra-op threads per session (default: cores / max-concurrent)")
+    parser.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long in-flight requests may take to finish (default: 30)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs at start")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default: json)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..runtime import CPU, CUDA, RuntimeConfig
+    from ..server.app import ServeConfig, default_concurrency, serve, setup_logging
+    from ..server.limits import ServerLimits
+
+    setup_logging(args.log_format, logging.INFO)
+    providers = {"auto": None, "cpu": (CPU,), "cuda": (CUDA, CPU)}[args.provider]
+    probe = RuntimeConfig(providers=providers)
+    concurrent, threads = default_concurrency(probe)
+    concurrent = args.max_concurrent or concurrent
+    if args.max_concurrent and not args.threads:
+        threads = max(1, threads * default_concurrency(probe)[0] // concurrent)
+    config = ServeConfig(
+        repository=args.model_repository, host=args.host, port=args.port, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, models=tuple(args.model),
+        limits=ServerLimits(
+            max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
+            max_tree_nodes=args.max_tree_nodes, max_concurrent=concurrent, max_queue=args.max_queue,
+        ),
+        runtime=RuntimeConfig(providers=providers, threads=args.threads or threads),
+        grace_seconds=args.grace_period, warmup=not args.no_warmup,
+    )
+    return serve(config)

@@ -1,0 +1,298 @@
+"""Server lifecycle: bind, load and warm up the models, serve, drain on SIGTERM, exit 0.
+
+States: starting (health NOT_SERVING, GapService calls UNAVAILABLE) -> serving (SERVING) ->
+draining (NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within the grace period).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf import message_factory
+from grpc_reflection.v1alpha import reflection
+
+from ..repository import BUNDLED_REPOSITORY
+from ..runtime import CUDA, RuntimeConfig, available_providers
+from . import pb
+from .errors import RpcGuard, lenient_deserializer
+from .health import Health
+from .limits import ServerLimits
+from .metrics import Metrics
+from .servicer import GapServicer, ModelStore
+
+log = logging.getLogger("gap_service.server")
+
+MAX_GRPC_MESSAGE = 2**31 - 1
+CHEAP_RPC_THREADS = 32  # threads left for ListModels/GetModel/health while every slot and queue place is taken
+
+
+@dataclass
+class ServeConfig:
+    repository: Path = BUNDLED_REPOSITORY
+    host: str = "[::]"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9090  # 0: a free port; negative: no metrics server
+    models: tuple[str, ...] = ()
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    grace_seconds: float = 30.0
+    warmup: bool = True
+
+
+def default_concurrency(runtime: RuntimeConfig) -> tuple[int, int]:
+    """(explanations at once, intra-op threads per session) sized to the machine."""
+    cpus = os.cpu_count() or 1
+    requested = [p if isinstance(p, str) else p[0] for p in (runtime.providers or ())]
+    gpu = CUDA in available_providers() and (not requested or CUDA in requested)
+    concurrent = 4 if gpu else max(1, cpus // 4)
+    return concurrent, max(1, cpus // concurrent)
+
+
+def server_options(limits: ServerLimits, max_response_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", min(max_response_bytes, MAX_GRPC_MESSAGE)),
+        ("grpc.max_receive_message_length", min(limits.max_request_bytes, MAX_GRPC_MESSAGE)),
+        # Keepalive that survives load balancers and NATs: ping idle connections every 60 s (below
+        # the usual 350 s+ idle timeouts), drop peers that do not answer in 20 s, and accept client
+        # pings down to every 10 s (clients of gap_service.client ping every 30 s).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Rebalance long-lived connections across replicas; let running explanations finish first.
+        ("grpc.max_connection_age_ms", 30 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class Lifecycle:
+    """State and in-flight count, for RpcGuard and the drain."""
+
+    def __init__(self) -> None:
+        self.state = "starting"
+        self._in_flight = 0
+        self._idle = threading.Condition()
+        self.metrics: Metrics | None = None
+
+    def refusal(self) -> str | None:
+        if self.state == "starting":
+            return "the server is starting: models are loading"
+        if self.state == "draining":
+            return "the server is shutting down; retry on another replica"
+        return None
+
+    def enter(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+            self._report()
+
+    def exit(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            self._report()
+            self._idle.notify_all()
+
+    def _report(self) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight.set(self._in_flight)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+
+class GapServer:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.health = Health()
+        self.lifecycle = Lifecycle()
+        self.lifecycle.metrics = self.metrics
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> int:
+        """Scan the repository, bind and start answering (health NOT_SERVING until ``load``)."""
+        config = self.config
+        self.store = ModelStore(config.repository, config.runtime, config.models or None)
+        self.store.prepare_all()  # compile only (fast): the layer shapes size the messages
+        limits = config.limits
+        workers = (limits.max_concurrent + limits.max_queue + limits.max_concurrent_predict
+                   + limits.max_queue_predict + CHEAP_RPC_THREADS)
+        self._workers = workers
+        bound = max(m.response_bytes_bound(limits.max_tree_nodes) for m in self.store.prepared.values())
+        self._max_response = min(bound, MAX_GRPC_MESSAGE)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gap-rpc"),
+            options=server_options(limits, self._max_response),
+            maximum_concurrent_rpcs=workers,
+        )
+        self._server = server
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        self._servicer = None
+        server.add_generic_rpc_handlers((self._handlers(),))
+        reflection.enable_server_reflection(
+            (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        server.start()
+        if config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host)
+        log.info("listening", extra={"fields": {
+            "host": config.host, "port": self.port, "metrics_port": self.metrics_port,
+            "repository": str(config.repository), "max_concurrent": limits.max_concurrent, "max_queue": limits.max_queue,
+            "threads": config.runtime.threads, "grpc_workers": workers,
+        }})
+        return self.port
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        guard = RpcGuard(self.lifecycle, self.metrics)
+        service = pb.service.DESCRIPTOR.services_by_name["GapService"]
+        handlers = {}
+        for method in service.methods:
+            request_type = message_factory.GetMessageClass(method.input_type)
+            response_type = message_factory.GetMessageClass(method.output_type)
+            implementation = self._dispatch(method.name)
+            if method.server_streaming:
+                handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                    guard.stream(method.name, implementation),
+                    request_deserializer=lenient_deserializer(request_type),
+                    response_serializer=response_type.SerializeToString)
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    guard.unary(method.name, implementation),
+                    request_deserializer=lenient_deserializer(request_type),
+                    response_serializer=response_type.SerializeToString)
+        return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+    def _dispatch(self, name: str):
+        # The servicer exists only once models are loaded; before that the guard refuses calls.
+        def call(request, context, record):
+            return getattr(self._servicer, name)(request, context, record)
+
+        return call
+
+    def load(self) -> None:
+        """Load and warm up every model, then report SERVING."""
+        started = time.perf_counter()
+        self.store.warm_all(self.metrics, warmup=self.config.warmup)
+        self._servicer = GapServicer(self.store, self.config.limits, self.metrics, self._max_response)
+        self.lifecycle.state = "serving"
+        self.health.serving()
+        self.metrics.serving.set(1)
+        log.info("serving", extra={"fields": {
+            "port": self.port, "models": sorted(self.store.models), "seconds": round(time.perf_counter() - started, 3),
+            "max_response_bytes": self._max_response,
+        }})
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Stop accepting, let in-flight calls finish within the grace period, stop. True if all finished."""
+        grace = self.config.grace_seconds if grace is None else grace
+        started = time.monotonic()
+        self.lifecycle.state = "draining"
+        self.health.draining()
+        self.metrics.serving.set(0)
+        log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        finished = self.lifecycle.wait_idle(grace)
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        if self._server is not None:
+            self._server.stop(remaining).wait()
+        self.metrics.stop()
+        self._stopped.set()
+        log.info("stopped", extra={"fields": {"clean": finished, "seconds": round(time.monotonic() - started, 3)}})
+        return finished
+
+
+# -- logging ------------------------------------------------------------------------------------
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, event, and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name, "event": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in (getattr(record, "fields", {}) or {}).items())
+        text = f"{record.levelname.lower():5s} {record.getMessage()} {fields}".rstrip()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for name in ("gap_service.server", "gap_service"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler] if name == "gap_service.server" else logger.handlers
+    server_logger = logging.getLogger("gap_service.server")
+    server_logger.setLevel(level)
+    server_logger.propagate = False
+
+
+def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; 0 on a clean exit."""
+    server = GapServer(config)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal", extra={"fields": {"signal": signal.Signals(signum).name}})
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        loader = threading.Thread(target=_load_or_stop, args=(server, stop), name="gap-load", daemon=True)
+        loader.start()
+        while not stop.wait(0.5):
+            pass
+        if server.lifecycle.state == "starting" and getattr(server, "load_error", None) is not None:
+            server.drain(0)
+            return 1
+        server.drain()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _load_or_stop(server: GapServer, stop: threading.Event) -> None:
+    try:
+        server.load()
+    except Exception as exc:  # a model that cannot be served stops the server
+        server.load_error = exc  # type: ignore[attr-defined]
+        log.error("loading the models failed", exc_info=exc)
+        stop.set()

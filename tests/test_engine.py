@@ -1,0 +1,152 @@
+"""The gAP engine against a straightforward torch-autograd reference of the method
+(docs/method.md), one node at a time; plus batching, options and the CAM baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from gap_service import Explainer
+from gap_service.errors import CancelledError, GapError
+from support.models import export_onnx, sample_input, torch_case
+from support.torch_oracle import TorchGraph
+
+
+def channel_first(values: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(values[0], axis - 1, 0)
+
+
+def reference_tree(oracle: TorchGraph, x: np.ndarray, logits: str, layers: list[str], axes: list[int],
+                   target: int, top_k: int, score: str) -> list[tuple[int | None, int, str, int, float]]:
+    """(parent, level, layer, channel, score) per node, in the engine's breadth-first order."""
+    acts = oracle.run({"input": x}, layers)
+    root_seed = np.zeros(oracle.run({"input": x}, [logits])[logits].shape)
+    root_seed.reshape(-1)[target] = 1.0
+    nodes: list[tuple[int | None, int, str, int, float]] = [(None, 0, logits, target, 0.0)]
+    frontier = [(0, root_seed)]
+    chain = [logits, *layers]
+    for level, (upper, lower) in enumerate(zip(chain[:-1], chain[1:]), start=1):
+        axis = axes[level - 1]
+        activation = channel_first(acts[lower], axis)
+        next_frontier = []
+        for node_id, seed in frontier:
+            grad = channel_first(oracle.vjp({"input": x}, upper, lower, seed[None])[0], axis)
+            contrib = grad * activation
+            scores = contrib.sum(axis=(1, 2)) if score == "net" else np.maximum(contrib, 0).sum(axis=(1, 2))
+            order = sorted((c for c in range(len(scores)) if scores[c] > 0), key=lambda c: (-scores[c], c))[:top_k]
+            for channel in order:
+                nodes.append((node_id, level, lower, channel, float(scores[channel])))
+                child_seed = np.zeros(acts[lower].shape)
+                view = np.moveaxis(child_seed[0], axis - 1, 0)
+                view[channel] = np.where(contrib[channel] > 0, grad[channel], 0)
+                next_frontier.append((len(nodes) - 1, child_seed))
+        frontier = next_frontier
+    return nodes
+
+
+@pytest.mark.parametrize("score", ["net", "positive"])
+@pytest.mark.parametrize("name", ["resnet_bn", "mobilenetv3", "densenet", "nhwc", "vgg"])
+def test_tree_equals_torch_reference(name: str, score: str) -> None:
+    case = torch_case(name)
+    data = export_onnx(case, 17)
+    explainer = Explainer(data)
+    x = sample_input(case)
+    infos = explainer.layer_infos()[:3]
+    explanation = explainer.explain(x, top_k=3, depth=len(infos), score=score)
+    oracle = TorchGraph(onnx.load_from_string(data))
+    expected = reference_tree(oracle, x, explainer.decision().logits, [i.name for i in infos],
+                              [i.channel_axis for i in infos], explanation.target, 3, score)
+    got = [(n.parent, n.level, n.layer, n.channel, n.score) for n in explanation.nodes]
+    assert [g[:4] for g in got] == [e[:4] for e in expected]
+    for level in range(1, explanation.depth + 1):
+        ours = np.array([g[4] for g in got if g[1] == level])
+        ref = np.array([e[4] for e in expected if e[1] == level])
+        assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_cams_equal_their_definitions() -> None:
+    case = torch_case("resnet_bn")
+    data = export_onnx(case, 17)
+    explainer = Explainer(data)
+    x = sample_input(case)
+    explanation = explainer.explain(x, top_k=2, depth=1)
+    layer = explanation.layers[0]
+    oracle = TorchGraph(onnx.load_from_string(data))
+    seed = np.zeros((1, *explainer.compiled().shape(explanation.root.layer)))
+    seed.reshape(1, -1)[0, explanation.target] = 1
+    grad = torch.from_numpy(oracle.vjp({"input": x}, explanation.root.layer, layer, seed)[0][0])
+    act = torch.from_numpy(oracle.run({"input": x}, [layer])[layer][0])
+    gradcam = torch.relu((grad.mean(dim=(1, 2), keepdim=True) * act).sum(0)).numpy()
+    layercam = torch.relu((torch.relu(grad) * act).sum(0)).numpy()
+    for name, ref in (("gradcam", gradcam), ("layercam", layercam)):
+        assert np.abs(explanation.cams[name] - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1e-12), name
+
+
+@pytest.fixture(scope="module")
+def resnet() -> tuple[Explainer, np.ndarray]:
+    case = torch_case("resnet_bn")
+    return Explainer(export_onnx(case, 17)), sample_input(case)
+
+
+def _signature(explanation):
+    return [(n.parent, n.layer, n.channel, round(n.score, 5)) for n in explanation.nodes]
+
+
+def test_level_batching_and_memory_bound_do_not_change_the_tree(resnet) -> None:
+    explainer, x = resnet
+    batched = explainer.explain(x, top_k=4, depth=3)
+    unbatched = explainer.explain(x, top_k=4, depth=3, seeds_per_run=1)
+    tiny_bound = explainer.explain(x, top_k=4, depth=3, max_batch_bytes=1)
+    assert _signature(batched) == _signature(unbatched) == _signature(tiny_bound)
+
+
+def test_tree_shape_shares_and_pruning(resnet) -> None:
+    explainer, x = resnet
+    explanation = explainer.explain(x, top_k=3, depth=2)
+    assert explanation.root.score == pytest.approx(float(explainer.forward(x, [explanation.root.layer])[explanation.root.layer].max()), rel=1e-6)
+    for node in explanation.nodes[1:]:
+        assert node.score > 0 and 0 < node.share <= 1
+        assert node.map.shape == explainer.compiled().layer(node.layer).spatial_shape
+        assert (node.map >= 0).all()
+    for node in explanation.nodes:
+        siblings = [explanation.nodes[c].score for c in node.children]
+        assert siblings == sorted(siblings, reverse=True) and len(siblings) <= 3
+    pruned = explainer.explain(x, top_k=3, depth=2, min_share=0.2)
+    assert all(n.share >= 0.2 for n in pruned.nodes[1:])
+    assert len(pruned.nodes) <= len(explanation.nodes)
+
+
+def test_target_and_levels_stream_in_order(resnet) -> None:
+    explainer, x = resnet
+    seen: list[tuple[int, int]] = []
+    explanation = explainer.explain(x, target=3, top_k=2, depth=3, on_level=lambda level, nodes: seen.append((level, len(nodes))))
+    assert explanation.target == 3
+    assert [level for level, _ in seen] == [0, 1, 2, 3]
+    assert sum(count for _, count in seen) == len(explanation.nodes)
+
+
+def test_cancellation_stops_between_gradient_runs(resnet) -> None:
+    explainer, x = resnet
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(CancelledError):
+        explainer.explain(x, top_k=2, depth=3, should_stop=stop)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"top_k": 0}, "top_k"), ({"top_k": 10**6}, "top_k"), ({"depth": 0}, "depth"), ({"depth": 99}, "depth"),
+     ({"target": 10**6}, "target"), ({"target": -1}, "target"), ({"min_share": 1.5}, "min_share"),
+     ({"score": "best"}, "score"), ({"layers": ["no_such_tensor"]}, "no_such_tensor")],
+)
+def test_bad_options_name_the_field(resnet, kwargs, field) -> None:
+    explainer, x = resnet
+    with pytest.raises(GapError) as info:
+        explainer.explain(x, **kwargs)
+    assert field in str(info.value)
