@@ -75,6 +75,17 @@ def normalize(heat: np.ndarray) -> np.ndarray:
     return heat / peak if peak > 0 else np.zeros_like(heat)
 
 
+def stretch(heat: np.ndarray) -> np.ndarray:
+    """Shift a whole-layer map so its minimum is zero.
+
+    Decision-level maps (the gAP root map, Grad-CAM, LayerCAM) of classifiers with a global
+    pooling head are positive almost everywhere and vary by a few percent; shown as they are,
+    they look uniformly hot. Per-channel node maps keep their zeros, which mean "no evidence".
+    """
+    heat = np.asarray(heat, dtype=np.float32)
+    return heat - float(heat.min()) if heat.size else heat
+
+
 def _as_rgb(picture: np.ndarray) -> np.ndarray:
     """Coerce greyscale, RGBA or float pictures to (H, W, 3) uint8, the only form we blend."""
     picture = np.asarray(picture)
@@ -345,7 +356,7 @@ def _node_card(ctx: _HtmlContext, node: Node, shown_children: int) -> str:
     toggle = f'<span class="toggle" data-n="{shown_children}"></span>' if shown_children else ""
     return (
         f'<div class="card" title="{_esc(tooltip)}">'
-        f'<img src="{_data_uri(ctx.thumbs.overlay(node.map))}" alt="{_esc(f"{node.layer} channel {node.channel}")}">'
+        f'<img src="{_data_uri(ctx.thumbs.overlay(stretch(node.map) if node.parent is None else node.map))}" alt="{_esc(f"{node.layer} channel {node.channel}")}">'
         f'<div class="head">{_level_badge(node.level)}<span class="ch">{what} {node.channel}</span>{toggle}</div>'
         f'<div class="share"><span class="bar"><span style="width:{width:.2f}%;background:{colour}"></span></span>'
         f'<span class="pct">{_esc(share)}</span></div>'
@@ -403,11 +414,11 @@ def _panels_html(explanation: Explanation, panels: _Thumbnails) -> str:
     """Input, the root's gAP map, and the CAM baselines side by side at one size."""
     first = explanation.layers[0] if explanation.layers else explanation.root.layer
     figures = [("Input", "what the model saw", _data_uri(panels.base))]
-    figures.append(("gAP", f"decision evidence at <code>{_esc(first)}</code>", _data_uri(panels.overlay(explanation.root.map))))
+    figures.append(("gAP", f"decision evidence at <code>{_esc(first)}</code>", _data_uri(panels.overlay(stretch(explanation.root.map)))))
     for key, cam in explanation.cams.items():
         if key == "gap":  # identical to the root's map, already shown
             continue
-        figures.append((_CAM_TITLES.get(key, key), "baseline, same layer", _data_uri(panels.overlay(cam))))
+        figures.append((_CAM_TITLES.get(key, key), "baseline, same layer", _data_uri(panels.overlay(stretch(cam)))))
     return '<div class="panels">' + "".join(
         f'<figure><img src="{uri}" alt="{_esc(name)}"><figcaption><b>{_esc(name)}</b> \u00b7 {caption}</figcaption></figure>'
         for name, caption, uri in figures
@@ -681,7 +692,8 @@ def _draw_nodes(canvas: Image.Image, draw: ImageDraw.ImageDraw, picture: np.ndar
                        (f"class {node.channel} \u00b7 logit {format_number(node.score)}", _MUTED, False)]
         else:
             caption = [(f"ch {node.channel}", _INK, True), (format_share(node.share), _MUTED, False)]
-        _draw_thumb(canvas, draw, thumbs[node.level].overlay(node.map), left + box.x, top + box.y, caption,
+        heat = stretch(node.map) if node.parent is None else node.map
+        _draw_thumb(canvas, draw, thumbs[node.level].overlay(heat), left + box.x, top + box.y, caption,
                     _caption_font_size(min(box.hw)))
 
     root, (root_h, root_w) = boxes[0], sizes[0]
