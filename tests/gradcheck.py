@@ -13,9 +13,11 @@ TOLERANCE = 1e-4
 # can fall on the other side of the kink in the float64 oracle (seen: 1 unit in 500k flips a
 # whole receptive field of the gradient, ~5e-3), and onnxruntime's fast Sigmoid/Exp are
 # accurate in absolute, not relative, terms deep in saturation (seen: 8e-3 on ppocr_det, whose
-# random-input outputs sit near 1e-6). A wrong rule gives errors of order 1; tests/test_rules.py
-# holds every rule to TOLERANCE on small graphs.
-LARGE_GRAPH_TOLERANCE = 3e-2
+# random-input outputs sit near 1e-6). Seen at most 3.4e-2 (zoo ResNet-50, errors confined to
+# one blob of the map). A wrong rule gives errors of order 1 everywhere, so large graphs must
+# also match exactly at the median element; tests/test_rules.py holds every rule to TOLERANCE.
+LARGE_GRAPH_TOLERANCE = 5e-2
+MEDIAN_TOLERANCE = 1e-5
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -61,4 +63,7 @@ def check_chain(explainer: Explainer, oracle: TorchGraph | None, inputs: dict[st
             error = relative_error(ours, reference)
             results.append((upper, lower, count, error))
             assert error < tolerance, f"{lower} <- {upper} with P={count}: relative error {error:.2e}"
+            if tolerance > TOLERANCE:
+                median = float(np.median(np.abs(ours - reference))) / float(np.abs(reference).max())
+                assert median < MEDIAN_TOLERANCE, f"{lower} <- {upper} with P={count}: median error {median:.2e}"
     return results

@@ -180,6 +180,7 @@ def test_explain_stream_levels_in_order(client, entry, explainer):
     for message in messages[:-1]:
         assert [n.id for n in message.nodes] == list(range(seen, seen + len(message.nodes)))
         assert all(n.level == message.level for n in message.nodes)
+        assert all(not n.children for n in message.nodes)  # sent before the next level exists
         seen += len(message.nodes)
     # The library assembles the same tree as Explain.
     streamed = list(client.explain_stream(MODEL, tensor=tensor, depth=4, top_k=3, cams=True))

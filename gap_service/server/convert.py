@@ -169,14 +169,14 @@ def _raise(violations: list[FieldViolation]) -> None:
 
 # -- explanations -> protos ---------------------------------------------------------------------
 def node_proto(node: Node, path: list[int], output: OutputParams, input_hw: tuple[int, int],
-               ids: dict[int, int] | None = None, with_map: bool = True) -> pb.explanation.Node:
+               ids: dict[int, int] | None = None, with_map: bool = True, with_children: bool = True) -> pb.explanation.Node:
     """One node; ``ids`` renumbers ids (subtrees), dropping parents/children outside it."""
     ids = ids if ids is not None else {}
     new_id = ids.get(node.id, node.id) if ids else node.id
     message = E.Node(
         id=new_id, level=node.level, layer=node.layer, channel=node.channel,
         score=float(node.score), share=float(node.share), path=path,
-        children=[ids[c] if ids else c for c in node.children if not ids or c in ids],
+        children=[ids[c] if ids else c for c in node.children if not ids or c in ids] if with_children else [],
     )
     if node.parent is not None and (not ids or node.parent in ids):
         message.parent = ids[node.parent] if ids else node.parent

@@ -373,7 +373,7 @@ class GapServicer:
                     model=model.name, target=root.channel, label=labels[root.channel] if root.channel < len(labels) else None,
                     logit=root.score, probability=None, layers=chain[: params.depth], score_mode=params.score, nodes=[],
                     input_hw=height_width, picture=picture)
-                root_message = convert.node_proto(root, [], output, height_width, with_map=False)
+                root_message = convert.node_proto(root, [], output, height_width, with_map=False, with_children=False)
                 events.put(("header", convert.header_proto(header, model.entry.version, output), root_message))
             else:
                 events.put(("level", level, list(nodes)))
@@ -412,7 +412,8 @@ class GapServicer:
                     for node in nodes:
                         paths[node.id] = [*paths[node.parent], node.channel]
                     message = S.ExplainStreamResponse(level=level, nodes=[
-                        convert.node_proto(n, paths[n.id], output, height_width) for n in nodes])
+                        # children are still being added by the engine: sent empty, rebuilt from parents
+                        convert.node_proto(n, paths[n.id], output, height_width, with_children=False) for n in nodes])
                     if level == 1:
                         message.root.CopyFrom(convert.node_proto(roots[0], [], output, height_width))
                     yield message

@@ -1,0 +1,216 @@
+'use strict';
+/**
+ * Node.js client of gap.v1.GapService, built from the same .proto files as the server
+ * (protos/ at the repository root) with @grpc/grpc-js and @grpc/proto-loader.
+ *
+ *   const { GapClient, tensorFromFloat32 } = require('./src/client');
+ *   const client = new GapClient('localhost:50051');
+ *   const { explanation } = await client.explain({ model: 'ppocr_cls', input: { image: pngBuffer } });
+ *
+ * Messages are plain objects with the proto's field names (snake_case); bytes are Buffers,
+ * enums are strings, 64-bit integers are Numbers. Tensors travel as raw little-endian bytes:
+ * use tensorFromFloat32() to send one and tensorValues() to read one.
+ */
+const path = require('path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+
+const PROTO_ROOT = process.env.GAP_PROTO_ROOT || path.resolve(__dirname, '..', '..', '..', 'protos');
+const HEALTH_ROOT = path.resolve(__dirname, '..', 'proto');
+
+const LOADER_OPTIONS = { keepCase: true, longs: Number, enums: String, bytes: Buffer, defaults: true, oneofs: true };
+
+function loadPackages() {
+  const definition = protoLoader.loadSync(['gap/v1/gap_service.proto', 'grpc/health/v1/health.proto'], {
+    ...LOADER_OPTIONS,
+    includeDirs: [PROTO_ROOT, HEALTH_ROOT],
+  });
+  const loaded = grpc.loadPackageDefinition(definition);
+  return { gap: loaded.gap.v1, health: loaded.grpc.health.v1 };
+}
+
+const CHANNEL_OPTIONS = {
+  'grpc.max_receive_message_length': -1,
+  'grpc.max_send_message_length': -1,
+  // Keepalive that survives load balancers: ping every 30 s (the server accepts down to 10 s).
+  'grpc.keepalive_time_ms': 30000,
+  'grpc.keepalive_timeout_ms': 10000,
+  'grpc.keepalive_permit_without_calls': 1,
+};
+
+// google.rpc.Status and google.rpc.BadRequest, to read field violations of INVALID_ARGUMENT.
+const STATUS_ROOT = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        protobuf: { nested: { Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } } } },
+        rpc: {
+          nested: {
+            Status: {
+              fields: {
+                code: { type: 'int32', id: 1 },
+                message: { type: 'string', id: 2 },
+                details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 },
+              },
+            },
+            BadRequest: {
+              fields: { field_violations: { rule: 'repeated', type: 'FieldViolation', id: 1 } },
+              nested: {
+                FieldViolation: { fields: { field: { type: 'string', id: 1 }, description: { type: 'string', id: 2 } } },
+              },
+            },
+          },
+        },
+      },
+    },
+  },
+});
+const Status = STATUS_ROOT.lookupType('google.rpc.Status');
+const BadRequest = STATUS_ROOT.lookupType('google.rpc.BadRequest');
+
+/** Field violations [{field, description}] of a gRPC error (google.rpc.BadRequest details). */
+function fieldViolations(error) {
+  const raw = error && error.metadata && error.metadata.get('grpc-status-details-bin');
+  if (!raw || !raw.length) return [];
+  const status = Status.decode(raw[0]);
+  const violations = [];
+  for (const detail of status.details) {
+    if (detail.type_url.endsWith('google.rpc.BadRequest')) {
+      const request = BadRequest.decode(detail.value);
+      for (const v of request.field_violations) violations.push({ field: v.field, description: v.description });
+    }
+  }
+  return violations;
+}
+
+const DTYPE_SIZES = {
+  DATA_TYPE_FLOAT32: 4, DATA_TYPE_FLOAT16: 2, DATA_TYPE_FLOAT64: 8, DATA_TYPE_UINT8: 1,
+  DATA_TYPE_INT8: 1, DATA_TYPE_INT32: 4, DATA_TYPE_INT64: 8,
+};
+
+/** A Tensor message from float32 values (written little-endian whatever the platform). */
+function tensorFromFloat32(values, shape, name = '') {
+  const data = Buffer.alloc(values.length * 4);
+  for (let i = 0; i < values.length; i += 1) data.writeFloatLE(values[i], i * 4);
+  return { dtype: 'DATA_TYPE_FLOAT32', shape, data, name };
+}
+
+function halfToFloat(bits) {
+  const sign = bits & 0x8000 ? -1 : 1;
+  const exponent = (bits >> 10) & 0x1f;
+  const fraction = bits & 0x3ff;
+  if (exponent === 0) return sign * 2 ** -14 * (fraction / 1024);
+  if (exponent === 31) return fraction ? NaN : sign * Infinity;
+  return sign * 2 ** (exponent - 15) * (1 + fraction / 1024);
+}
+
+/** The values of a Tensor message as a Float64Array (float32/float16/float64/integer types). */
+function tensorValues(tensor) {
+  const size = DTYPE_SIZES[tensor.dtype];
+  if (!size) throw new Error(`unsupported dtype ${tensor.dtype}`);
+  const count = tensor.shape.reduce((a, b) => a * b, 1);
+  if (tensor.data.length !== count * size) throw new Error(`tensor has ${tensor.data.length} bytes, expected ${count * size}`);
+  const out = new Float64Array(count);
+  const buffer = tensor.data;
+  for (let i = 0; i < count; i += 1) {
+    const offset = i * size;
+    switch (tensor.dtype) {
+      case 'DATA_TYPE_FLOAT32': out[i] = buffer.readFloatLE(offset); break;
+      case 'DATA_TYPE_FLOAT16': out[i] = halfToFloat(buffer.readUInt16LE(offset)); break;
+      case 'DATA_TYPE_FLOAT64': out[i] = buffer.readDoubleLE(offset); break;
+      case 'DATA_TYPE_UINT8': out[i] = buffer.readUInt8(offset); break;
+      case 'DATA_TYPE_INT8': out[i] = buffer.readInt8(offset); break;
+      case 'DATA_TYPE_INT32': out[i] = buffer.readInt32LE(offset); break;
+      default: out[i] = Number(buffer.readBigInt64LE(offset));
+    }
+  }
+  return out;
+}
+
+class GapClient {
+  /**
+   * @param {string} address host:port
+   * @param {{deadlineMs?: number, credentials?: grpc.ChannelCredentials}} options
+   */
+  constructor(address, { deadlineMs = 120000, credentials = grpc.credentials.createInsecure() } = {}) {
+    const { gap, health } = loadPackages();
+    this.deadlineMs = deadlineMs;
+    this.stub = new gap.GapService(address, credentials, CHANNEL_OPTIONS);
+    this.healthStub = new health.Health(address, credentials, CHANNEL_OPTIONS);
+  }
+
+  close() {
+    this.stub.close();
+    this.healthStub.close();
+  }
+
+  _deadline(deadlineMs) {
+    return new Date(Date.now() + (deadlineMs === undefined ? this.deadlineMs : deadlineMs));
+  }
+
+  _unary(stub, method, request, deadlineMs) {
+    return new Promise((resolve, reject) => {
+      stub[method](request, { deadline: this._deadline(deadlineMs) }, (error, response) => {
+        if (error) reject(error); else resolve(response);
+      });
+    });
+  }
+
+  /** 'SERVING', 'NOT_SERVING', ... of grpc.health.v1 ('' = the whole server). */
+  async health(service = '', deadlineMs = 5000) {
+    const response = await this._unary(this.healthStub, 'Check', { service }, deadlineMs);
+    return response.status;
+  }
+
+  listModels(deadlineMs) { return this._unary(this.stub, 'ListModels', {}, deadlineMs); }
+
+  getModel(model, version = 0, deadlineMs) { return this._unary(this.stub, 'GetModel', { model, version }, deadlineMs); }
+
+  /** request: {model, input: {image: Buffer} | {tensor}, top_k?} */
+  predict(request, deadlineMs) { return this._unary(this.stub, 'Predict', request, deadlineMs); }
+
+  /** request: {model, input, options: {layers, target, top_k, depth, min_share, score}, output: {...}} */
+  explain(request, deadlineMs) { return this._unary(this.stub, 'Explain', request, deadlineMs); }
+
+  /** request: ExplainRequest fields plus path: [channels from the root]. */
+  expand(request, deadlineMs) { return this._unary(this.stub, 'Expand', request, deadlineMs); }
+
+  /** The raw server stream (a Readable of ExplainStreamResponse; call.cancel() stops the server). */
+  explainStreamCall(request, deadlineMs) {
+    return this.stub.ExplainStream(request, { deadline: this._deadline(deadlineMs) });
+  }
+
+  /**
+   * Async iterator over the levels; each item is {level, nodes, tree, done}. The tree is assembled
+   * as levels arrive (children rebuilt from parents); breaking out of the loop cancels the call.
+   */
+  async *explainStream(request, deadlineMs) {
+    const call = this.explainStreamCall(request, deadlineMs);
+    let tree = null;
+    try {
+      for await (const message of call) {
+        if (message.header) tree = { ...message.header, nodes: [] };
+        if (message.root) tree.nodes[0] = { ...message.root };
+        if (message.summary) {
+          tree.probability = message.summary.probability;
+          tree.cams = message.summary.cams;
+          yield { level: message.level, nodes: [], tree, done: true };
+          continue;
+        }
+        for (const node of message.nodes) {
+          if (node.id !== tree.nodes.length) throw new Error(`stream out of order: node ${node.id} after ${tree.nodes.length}`);
+          tree.nodes.push(node);
+          if (node._parent === 'parent' && !tree.nodes[node.parent].children.includes(node.id)) {
+            tree.nodes[node.parent].children.push(node.id);
+          }
+        }
+        yield { level: message.level, nodes: message.nodes, tree, done: false };
+      }
+    } finally {
+      call.cancel();
+    }
+  }
+}
+
+module.exports = { GapClient, fieldViolations, tensorFromFloat32, tensorValues, loadPackages, grpc };
