@@ -21,6 +21,8 @@ from .graph.gradient import SEED, VJP, VjpGraph, build_vjp_graph
 from .graph.layers import Decision, LayerInfo, candidate_layers, find_decision, layer_info
 from .graph.loader import NormalizedModel
 from .graph.segment import MASK, build_segment
+from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement,
+                     build_level_graph, build_selection_graph, placement_for, run_bound, to_float16)
 from .runtime import RuntimeConfig, make_session
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class CompiledModel:
         self._tap_session: ort.InferenceSession | None = None
         self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
         self._segments: dict[tuple[str, str, bool], ort.InferenceSession] = {}
+        self._levels: dict[tuple[str, str, str], ort.InferenceSession] = {}
+        self._selections: dict[str, ort.InferenceSession] = {}
         self._layer_infos: dict[str, LayerInfo] = {}
 
     @functools.cached_property
@@ -119,6 +123,60 @@ class CompiledModel:
         if mask is not None:
             feeds[MASK] = np.asarray(mask, dtype=np.float32)
         return session.run([upper], feeds)[0]
+
+    # -- device-resident runs (see levels.py) ------------------------------------------------------
+    @property
+    def placement(self) -> Placement:
+        """Where this model's OrtValues live: the first provider of the forward session."""
+        return placement_for(self._session_for([]))
+
+    def forward_device(self, feeds: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, ort.OrtValue]:
+        """Like ``forward``, but the activations stay on the execution device."""
+        wanted = list(dict.fromkeys(names))
+        placement = self.placement
+        computed = [n for n in wanted if n not in feeds]
+        session = self._session_for(computed)
+        values = dict(zip(computed, run_bound(session, placement, dict(feeds), computed))) if computed else {}
+        return {n: placement.to_device(feeds[n]) if n in feeds else values[n] for n in wanted}
+
+    def run_level(self, upper: str, lower: str, state: Mapping[str, ort.OrtValue], seeds: ort.OrtValue,
+                  precision: str = "float32") -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
+        """(G, net scores [P, C], positive scores [P, C]) for device seeds [P, *shape(upper)]."""
+        session = self._level_session(upper, lower, precision)
+        graph, _ = self.vjp_graph(upper, lower)
+        inputs: dict[str, ort.OrtValue | np.ndarray] = {name: state[name] for name in (graph.lower, *graph.side_inputs)}
+        inputs[SEED] = seeds
+        grad, net, positive = run_bound(session, self.placement, inputs, [VJP, SCORES_NET, SCORES_POSITIVE])
+        return grad, net, positive
+
+    def select(self, lower: str, grad: ort.OrtValue, activation: ort.OrtValue, rows: np.ndarray,
+               channels: np.ndarray) -> tuple[ort.OrtValue, ort.OrtValue]:
+        """(maps [n, *spatial], child seeds [n, *shape(lower)]) of the chosen (row, channel) pairs."""
+        session = self._selections.get(lower)
+        if session is None:
+            with self._lock:
+                session = self._selections.get(lower)
+                if session is None:
+                    info = self.layer(lower)
+                    model = build_selection_graph(info.shape, info.channel_axis)
+                    session = self._selections[lower] = make_session(model, self.runtime, f"selection graph of {lower}")
+        inputs = {VJP: grad, "gap_activation": activation, ROWS: rows.astype(np.int64), CHANNELS: channels.astype(np.int64)}
+        maps, seeds = run_bound(session, self.placement, inputs, [MAPS, CHILD_SEEDS])
+        return maps, seeds
+
+    def _level_session(self, upper: str, lower: str, precision: str) -> ort.InferenceSession:
+        key = (upper, lower, precision)
+        session = self._levels.get(key)
+        if session is None:
+            graph, _ = self.vjp_graph(upper, lower)
+            with self._lock:
+                session = self._levels.get(key)
+                if session is None:
+                    model = build_level_graph(graph, self.layer(lower).channel_axis)
+                    if precision == "float16":
+                        model = to_float16(model)
+                    session = self._levels[key] = make_session(model, self.runtime, f"{precision} level graph {lower} <- {upper}")
+        return session
 
     def state_names(self, upper: str, lower: str) -> tuple[str, ...]:
         """Forward tensors a VJP run needs."""

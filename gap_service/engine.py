@@ -2,6 +2,8 @@
 
 One forward run per request; then, level by level, one batched gradient run (chunked to a
 memory bound) decomposes every node of the level into the channels of the next lower layer.
+Activations, gradients and seeds stay on the execution device (levels.py); the host sees the
+per-channel scores, picks the children, and receives their maps.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
 from .compiled import CompiledModel
 from .errors import CancelledError, invalid
 from .explanation import Explanation, Node
-from .methods import SCORE_MODES, CAM_METHODS, channel_scores, contribution, gap_map, supporting_channels
+from .methods import CAM_METHODS, SCORE_MODES, gap_map, supporting_channels
 
 MAX_TOP_K = 64
+PRECISIONS = ("float32", "float16")
 DEFAULT_BATCH_BYTES = 256 * 2**20
 
 
@@ -30,6 +34,7 @@ class ExplainOptions:
     score: str = "net"
     max_batch_bytes: int = DEFAULT_BATCH_BYTES
     seeds_per_run: int | None = None  # None: as many as the memory bound allows; 1: no level batching
+    precision: str = "float32"  # "float16": gradient graphs compute in half precision (for CUDA)
 
     def validate(self) -> None:
         if not 1 <= self.top_k <= MAX_TOP_K:
@@ -44,15 +49,8 @@ class ExplainOptions:
             raise invalid("max_batch_bytes", "must be positive")
         if self.seeds_per_run is not None and self.seeds_per_run < 1:
             raise invalid("seeds_per_run", "must be at least 1")
-
-
-@dataclass
-class _Pending:
-    """A node waiting to be decomposed: its seed is ``grad_map`` on one channel of its layer."""
-
-    node_id: int
-    channel: int | None  # None: the root's dense seed
-    grad_map: np.ndarray
+        if self.precision not in PRECISIONS:
+            raise invalid("precision", f"'{self.precision}' is not one of {list(PRECISIONS)}")
 
 
 LevelCallback = Callable[[int, list[Node]], None]
@@ -86,6 +84,14 @@ def channel_first(values: np.ndarray, channel_axis: int) -> np.ndarray:
     return moved.reshape(*values.shape[:lead], *moved.shape[lead + 1 :])
 
 
+@dataclass
+class _SeedBatch:
+    """Nodes waiting to be decomposed together, with their seeds still on the device."""
+
+    node_ids: list[int]
+    seeds: ort.OrtValue  # [len(node_ids), *shape(upper)]
+
+
 def explain(
     compiled: CompiledModel,
     feeds: Mapping[str, np.ndarray],
@@ -107,12 +113,12 @@ def explain(
         state_names.add(decision.probabilities)
     for upper, lower in pairs:
         state_names.update(compiled.state_names(upper, lower))
-    state = compiled.forward(feeds, sorted(state_names))
+    state = compiled.forward_device(feeds, sorted(state_names))  # the one forward run
 
-    logits = state[decision.logits]
+    logits = state[decision.logits].numpy()
     target = resolve_target(compiled, logits, options.target)
-    probability = float(state[decision.probabilities].reshape(-1)[target]) if decision.probabilities else None
-    root_seed = np.zeros(logits.shape, dtype=np.float32)
+    probability = float(state[decision.probabilities].numpy().reshape(-1)[target]) if decision.probabilities else None
+    root_seed = np.zeros((1, *logits.shape), dtype=np.float32)
     root_seed.reshape(-1)[target] = 1.0
     label = labels[target] if labels is not None and target < len(labels) else None
 
@@ -123,47 +129,61 @@ def explain(
     explanation = Explanation(
         model=model_name, target=target, label=label, logit=root.score, probability=probability,
         layers=layers, score_mode=options.score, nodes=nodes,
-        input_hw=_input_hw(compiled), picture=picture,
+        input_hw=input_hw(compiled), picture=picture,
     )
     if on_level is not None:
         on_level(0, [root])
 
-    frontier = [_Pending(0, None, root_seed)]
+    frontier = [_SeedBatch([0], compiled.placement.to_device(root_seed))]
     for level, (upper, lower) in enumerate(pairs, start=1):
         if not frontier:
             break
         info = compiled.layer(lower)
-        activation = channel_first(state[lower], info.channel_axis)
-        upper_info = compiled.layer(upper) if level > 1 else None
+        last = level == len(pairs)
+        next_chunk = 0 if last else _chunk_size(compiled, lower, chain[level + 1], options)
         new_level: list[Node] = []
-        next_frontier: list[_Pending] = []
-        for chunk in _chunks(frontier, _chunk_size(compiled, upper, lower, options)):
+        next_frontier: list[_SeedBatch] = []
+        for batch in frontier:
             if should_stop is not None and should_stop():
                 raise CancelledError("explanation cancelled by the caller")
-            seeds = _dense_seeds(chunk, compiled.shape(upper), upper_info.channel_axis if upper_info else None)
-            grads = channel_first(compiled.run_vjp(upper, lower, state, seeds), info.channel_axis)
-            contrib = contribution(grads, activation)
-            scores = channel_scores(contrib, options.score)
-            for row, pending in enumerate(chunk):
-                if pending.node_id == 0:
-                    root.map = gap_map(grads[row], activation)
-                    explanation.cams = {name: fn(grads[row], activation) for name, fn in CAM_METHODS.items()}
-                children = _children(scores[row], options)
-                parent = nodes[pending.node_id]
-                for channel, share in children:
-                    positive = np.maximum(contrib[row, channel], 0)
+            grad, net, positive = compiled.run_level(upper, lower, state, batch.seeds, options.precision)
+            scores = (net if options.score == "net" else positive).numpy()
+            if level == 1:
+                _describe_root(explanation, grad.numpy()[0], state[lower].numpy(), info.channel_axis)
+            chosen = [(row, channel, share) for row in range(len(batch.node_ids))
+                      for channel, share in _children(scores[row], options)]
+            if not chosen:
+                continue
+            group = len(chosen) if last else next_chunk
+            for start in range(0, len(chosen), group):
+                part = chosen[start : start + group]
+                rows = np.asarray([row for row, _, _ in part], dtype=np.int64)
+                channels = np.asarray([channel for _, channel, _ in part], dtype=np.int64)
+                maps, child_seeds = compiled.select(lower, grad, state[lower], rows, channels)
+                host_maps = maps.numpy()
+                ids = []
+                for index, (row, channel, share) in enumerate(part):
+                    parent = nodes[batch.node_ids[row]]
                     node = Node(len(nodes), parent.id, level, lower, int(channel), float(scores[row, channel]),
-                                float(share), positive.astype(np.float32))
+                                float(share), host_maps[index])
                     nodes.append(node)
                     parent.children.append(node.id)
                     new_level.append(node)
-                    if level < len(pairs):
-                        seed_map = np.where(contrib[row, channel] > 0, grads[row, channel], 0).astype(np.float32)
-                        next_frontier.append(_Pending(node.id, int(channel), seed_map))
+                    ids.append(node.id)
+                if not last:
+                    next_frontier.append(_SeedBatch(ids, child_seeds))
         if on_level is not None:
             on_level(level, new_level)
         frontier = next_frontier
     return explanation
+
+
+def _describe_root(explanation: Explanation, grad: np.ndarray, activation: np.ndarray, channel_axis: int) -> None:
+    """The decision's own maps at the first layer: gAP, Grad-CAM, LayerCAM (host, one row)."""
+    grad_cf = channel_first(grad, channel_axis)
+    act_cf = channel_first(activation, channel_axis)
+    explanation.root.map = gap_map(grad_cf, act_cf)
+    explanation.cams = {name: fn(grad_cf, act_cf) for name, fn in CAM_METHODS.items()}
 
 
 def _children(scores: np.ndarray, options: ExplainOptions) -> list[tuple[int, float]]:
@@ -177,19 +197,6 @@ def _children(scores: np.ndarray, options: ExplainOptions) -> list[tuple[int, fl
     return result
 
 
-def _dense_seeds(chunk: list[_Pending], upper_shape: tuple[int, ...], channel_axis: int | None) -> np.ndarray:
-    """Seeds [n, *upper_shape]: the root's one-hot, or one channel's masked gradient each."""
-    seeds = np.zeros((len(chunk), *upper_shape), dtype=np.float32)
-    for row, pending in enumerate(chunk):
-        if pending.channel is None:
-            seeds[row] = pending.grad_map.reshape(upper_shape)
-        else:
-            index: list[int | slice] = [row, 0] + [slice(None)] * (len(upper_shape) - 1)
-            index[1 + channel_axis] = pending.channel  # type: ignore[operator]
-            seeds[tuple(index)] = pending.grad_map
-    return seeds
-
-
 def _chunk_size(compiled: CompiledModel, upper: str, lower: str, options: ExplainOptions) -> int:
     if options.seeds_per_run is not None:
         return options.seeds_per_run
@@ -198,12 +205,7 @@ def _chunk_size(compiled: CompiledModel, upper: str, lower: str, options: Explai
     return max(1, options.max_batch_bytes // per_seed)
 
 
-def _chunks(items: list[_Pending], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _input_hw(compiled: CompiledModel) -> tuple[int, int]:
+def input_hw(compiled: CompiledModel) -> tuple[int, int]:
     """Height and width of the (first) image input, from its layout."""
     name, shape = next(iter(compiled.nm.inputs.items()))
     if len(shape) != 4:

@@ -126,6 +126,7 @@ class Explainer:
         score: str = "net",
         max_batch_bytes: int = DEFAULT_BATCH_BYTES,
         seeds_per_run: int | None = None,
+        precision: str = "float32",
         labels: Sequence[str] | None = None,
         picture: np.ndarray | None = None,
         on_level: LevelCallback | None = None,
@@ -135,6 +136,7 @@ class Explainer:
         options = ExplainOptions(
             layers=tuple(layers) if layers else None, target=target, top_k=top_k, depth=depth,
             min_share=min_share, score=score, max_batch_bytes=max_batch_bytes, seeds_per_run=seeds_per_run,
+            precision=precision,
         )
         options.validate()
         feeds = self.feeds(inputs)

@@ -60,7 +60,7 @@ class LoadedModel:
 
     def response_bytes_bound(self, max_nodes: int) -> int:
         """Largest Explain/Expand response for a tree of ``max_nodes`` nodes (every option on)."""
-        height, width = engine._input_hw(self.compiled)
+        height, width = engine.input_hw(self.compiled)
         per_node = 4 * self.max_map_elements + convert.heatmap_bytes_bound((height, width)) + 1024
         picture = height * width * 3 + 1024
         cams = 3 * (4 * self.max_map_elements + 256)
@@ -79,7 +79,7 @@ def prepare_model(entry: ModelEntry, runtime: RuntimeConfig) -> LoadedModel:
     num_classes = int(np.prod(compiled.decision.shape))
     infos = [compiled.layer(name) for name in chain] + list(compiled.layers)
     max_map = max(int(np.prod(info.spatial_shape)) for info in infos)
-    height, width = engine._input_hw(compiled)
+    height, width = engine.input_hw(compiled)
     return LoadedModel(entry, explainer, compiled, shapes, time.perf_counter() - started, chain,
                        max(max_map, height * width), num_classes)
 
@@ -361,7 +361,7 @@ class GapServicer:
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         labels = model.entry.config.labels
-        height_width = engine._input_hw(model.compiled)
+        height_width = engine.input_hw(model.compiled)
 
         roots: list[Node] = []
 
