@@ -18,11 +18,11 @@ import sys
 from common import ROOT, pin_threads, timeit
 
 
-def torch_reference_tree(module, x, target: int, top_k: int, depth: int):
+def torch_reference_tree(module, x, target: int, top_k: int, depth: int, device: str = "cpu"):
     """The method, straight from its definition, one node at a time (torch autograd)."""
     import torch
 
-    inp = torch.from_numpy(x).requires_grad_()
+    inp = torch.from_numpy(x).to(device).requires_grad_()
     acts = []
     h = module.stem(inp)
     for stage in module.stages:
@@ -51,20 +51,20 @@ def torch_reference_tree(module, x, target: int, top_k: int, depth: int):
     return nodes
 
 
-def torch_batched_tree(module, x, target: int, top_k: int, depth: int):
+def torch_batched_tree(module, x, target: int, top_k: int, depth: int, device: str = "cpu"):
     """The same tree with each level's nodes in one batched torch backward (a fairer baseline)."""
     import torch
 
     with torch.no_grad():
         acts = []
-        h = module.stem(torch.from_numpy(x))
+        h = module.stem(torch.from_numpy(x).to(device))
         for stage in module.stages:
             h = stage(h)
             acts.append(h)
     head = lambda t: module.fc(torch.flatten(module.pool(t), 1))  # noqa: E731
     segments = [head] + [module.stages[i] for i in range(len(module.stages) - 1, 0, -1)]
     layers = acts[::-1][:depth]
-    seeds = torch.zeros(1, module.fc.out_features)
+    seeds = torch.zeros(1, module.fc.out_features, device=device)
     seeds[0, target] = 1.0
     count = 1
     for level, lower in enumerate(layers):

@@ -43,7 +43,7 @@ class CompiledModel:
         self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
         self._segments: dict[tuple[str, str, bool], ort.InferenceSession] = {}
         self._levels: dict[tuple[str, str, str], ort.InferenceSession] = {}
-        self._selections: dict[str, ort.InferenceSession] = {}
+        self._selections: dict[tuple[str, bool], ort.InferenceSession] = {}
         self._layer_infos: dict[str, LayerInfo] = {}
 
     @functools.cached_property
@@ -150,19 +150,20 @@ class CompiledModel:
         return grad, net, positive
 
     def select(self, lower: str, grad: ort.OrtValue, activation: ort.OrtValue, rows: np.ndarray,
-               channels: np.ndarray) -> tuple[ort.OrtValue, ort.OrtValue]:
-        """(maps [n, *spatial], child seeds [n, *shape(lower)]) of the chosen (row, channel) pairs."""
-        session = self._selections.get(lower)
+               channels: np.ndarray, with_seeds: bool = True) -> tuple[ort.OrtValue, ort.OrtValue | None]:
+        """(maps [n, *spatial], child seeds [n, *shape(lower)] or None) of the chosen (row, channel) pairs."""
+        key = (lower, with_seeds)
+        session = self._selections.get(key)
         if session is None:
             with self._lock:
-                session = self._selections.get(lower)
+                session = self._selections.get(key)
                 if session is None:
                     info = self.layer(lower)
-                    model = build_selection_graph(info.shape, info.channel_axis)
-                    session = self._selections[lower] = make_session(model, self.runtime, f"selection graph of {lower}")
+                    model = build_selection_graph(info.shape, info.channel_axis, with_seeds)
+                    session = self._selections[key] = make_session(model, self.runtime, f"selection graph of {lower}")
         inputs = {VJP: grad, "gap_activation": activation, ROWS: rows.astype(np.int64), CHANNELS: channels.astype(np.int64)}
-        maps, seeds = run_bound(session, self.placement, inputs, [MAPS, CHILD_SEEDS])
-        return maps, seeds
+        outputs = run_bound(session, self.placement, inputs, [MAPS, CHILD_SEEDS] if with_seeds else [MAPS])
+        return outputs[0], (outputs[1] if with_seeds else None)
 
     def _level_session(self, upper: str, lower: str, precision: str) -> ort.InferenceSession:
         key = (upper, lower, precision)

@@ -159,7 +159,7 @@ def explain(
                 part = chosen[start : start + group]
                 rows = np.asarray([row for row, _, _ in part], dtype=np.int64)
                 channels = np.asarray([channel for _, channel, _ in part], dtype=np.int64)
-                maps, child_seeds = compiled.select(lower, grad, state[lower], rows, channels)
+                maps, child_seeds = compiled.select(lower, grad, state[lower], rows, channels, with_seeds=not last)
                 host_maps = maps.numpy()
                 ids = []
                 for index, (row, channel, share) in enumerate(part):
@@ -170,7 +170,7 @@ def explain(
                     parent.children.append(node.id)
                     new_level.append(node)
                     ids.append(node.id)
-                if not last:
+                if child_seeds is not None:
                     next_frontier.append(_SeedBatch(ids, child_seeds))
         if on_level is not None:
             on_level(level, new_level)

@@ -84,8 +84,12 @@ def build_level_graph(vjp: VjpGraph, channel_axis: int) -> onnx.ModelProto:
     return model
 
 
-def build_selection_graph(lower_shape: tuple[int, ...], channel_axis: int) -> onnx.ModelProto:
-    """(G [P, *shape], A [*shape], rows [n], channels [n]) -> (maps [n, *spatial], seeds [n, *shape])."""
+def build_selection_graph(lower_shape: tuple[int, ...], channel_axis: int, with_seeds: bool) -> onnx.ModelProto:
+    """(G [P, *shape], A [*shape], rows [n], channels [n]) -> maps [n, *spatial] (+ seeds [n, *shape]).
+
+    Gathers only the chosen (row, channel) planes, so the cost is O(n * H * W) for the maps;
+    the children's dense seeds (needed only when another level follows) cost O(n * C * H * W).
+    """
     rank = len(lower_shape)
     channels = lower_shape[channel_axis]
     spatial = [d for axis, d in enumerate(lower_shape) if axis not in (0, channel_axis)]
@@ -94,23 +98,37 @@ def build_selection_graph(lower_shape: tuple[int, ...], channel_axis: int) -> on
     activation = gs.Variable("gap_activation", dtype=np.float32, shape=list(lower_shape))
     rows = gs.Variable(ROWS, dtype=np.int64, shape=["n"])
     chosen = gs.Variable(CHANNELS, dtype=np.int64, shape=["n"])
-    picked = graph.layer(op="Gather", inputs=[grad, rows], outputs=["picked"], attrs={"axis": 0})[0]
-    contribution = graph.layer(op="Mul", inputs=[picked, activation], outputs=["contribution"])[0]
-    one_hot = graph.layer(op="OneHot", inputs=[chosen, np.asarray(channels, np.int64), np.asarray([0.0, 1.0], np.float32)],
-                          outputs=["one_hot"], attrs={"axis": -1})[0]
-    mask_shape = [-1] + [channels if axis == channel_axis else 1 for axis in range(rank)]
-    mask = graph.layer(op="Reshape", inputs=[one_hot, np.asarray(mask_shape, np.int64)], outputs=["mask"])[0]
-    selected = graph.layer(op="Mul", inputs=[contribution, mask], outputs=["selected"])[0]
-    summed = graph.layer(op="ReduceSum", inputs=[selected, np.asarray([1, channel_axis + 1], np.int64)], outputs=["summed"],
-                         attrs={"keepdims": 0})[0]
+
+    def layer(op: str, inputs: list, name: str, **attrs) -> gs.Variable:
+        return graph.layer(op=op, inputs=inputs, outputs=[name], attrs=attrs)[0]
+
+    # Channel-first views: [P, C, *spatial] and [C, *spatial] (a Transpose only for channel-last layouts).
+    others = [axis for axis in range(1, rank) if axis != channel_axis]
+    grad_cf = layer("Transpose", [grad], "grad_cf", perm=[0, 1 + channel_axis, *[1 + a for a in others], 1]) \
+        if channel_axis != 1 else grad
+    act_cf = layer("Transpose", [activation], "act_cf", perm=[channel_axis, *others, 0]) if channel_axis != 1 else activation
+    grad_cf = layer("Reshape", [grad_cf, np.asarray([0, channels, *spatial], np.int64)], "grad_planes")
+    act_cf = layer("Reshape", [act_cf, np.asarray([channels, *spatial], np.int64)], "act_planes")
+    pairs = layer("Concat", [layer("Unsqueeze", [rows, np.asarray([1], np.int64)], "rows_col"),
+                             layer("Unsqueeze", [chosen, np.asarray([1], np.int64)], "channels_col")], "pairs", axis=1)
+    picked = layer("GatherND", [grad_cf, pairs], "picked")                     # [n, *spatial]
+    picked_activation = layer("Gather", [act_cf, chosen], "picked_activation", axis=0)
+    contribution = layer("Mul", [picked, picked_activation], "contribution")
     maps = gs.Variable(MAPS, dtype=np.float32, shape=["n", *spatial])
-    graph.layer(op="Relu", inputs=[summed], outputs=[maps])
-    supported = graph.layer(op="Greater", inputs=[contribution, np.asarray(0.0, np.float32)], outputs=["supported"])[0]
-    kept = graph.layer(op="Where", inputs=[supported, picked, np.asarray(0.0, np.float32)], outputs=["kept"])[0]
-    seeds = gs.Variable(CHILD_SEEDS, dtype=np.float32, shape=["n", *lower_shape])
-    graph.layer(op="Mul", inputs=[kept, mask], outputs=[seeds])
+    graph.layer(op="Relu", inputs=[contribution], outputs=[maps])
+    outputs = [maps]
+    if with_seeds:
+        supported = layer("Greater", [contribution, np.asarray(0.0, np.float32)], "supported")
+        kept = layer("Where", [supported, picked, np.asarray(0.0, np.float32)], "kept")
+        kept_shape = [-1] + [1 if axis in (0, channel_axis) else d for axis, d in enumerate(lower_shape)]
+        one_hot = layer("OneHot", [chosen, np.asarray(channels, np.int64), np.asarray([0.0, 1.0], np.float32)], "one_hot", axis=-1)
+        mask_shape = [-1] + [channels if axis == channel_axis else 1 for axis in range(rank)]
+        seeds = gs.Variable(CHILD_SEEDS, dtype=np.float32, shape=["n", *lower_shape])
+        graph.layer(op="Mul", inputs=[layer("Reshape", [kept, np.asarray(kept_shape, np.int64)], "kept_planes"),
+                                      layer("Reshape", [one_hot, np.asarray(mask_shape, np.int64)], "mask")], outputs=[seeds])
+        outputs.append(seeds)
     graph.inputs = [grad, activation, rows, chosen]
-    graph.outputs = [maps, seeds]
+    graph.outputs = outputs
     graph.cleanup().toposort()
     return gs.export_onnx(graph)
 

@@ -44,6 +44,8 @@ def resolve_providers(config: RuntimeConfig) -> list[ProviderSpec]:
     """Concrete provider list with options; CPU is always last as the fallback."""
     available = set(available_providers())
     requested: Sequence[ProviderSpec] = config.providers or ([CUDA, CPU] if CUDA in available else [CPU])
+    if CUDA in available:
+        _preload_cuda_libraries()
     resolved: list[ProviderSpec] = []
     for spec in requested:
         name = spec if isinstance(spec, str) else spec[0]
@@ -59,11 +61,29 @@ def resolve_providers(config: RuntimeConfig) -> list[ProviderSpec]:
     return resolved
 
 
+_CUDA_PRELOADED = False
+
+
+def _preload_cuda_libraries() -> None:
+    """onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* wheels (as PyTorch installs them) this way."""
+    global _CUDA_PRELOADED
+    if not _CUDA_PRELOADED and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # the system's own CUDA libraries may still be found
+            log.warning("onnxruntime.preload_dlls() failed: %s", exc)
+        _CUDA_PRELOADED = True
+
+
 def cuda_provider_options(config: RuntimeConfig) -> dict[str, str]:
+    """HEURISTIC: cuDNN's per-shape EXHAUSTIVE search costs seconds on every new shape (every new
+    seed count P). kSameAsRequested: the arena grows by what is asked, not by powers of two.
+    use_tf32=0: float32 means float32 (trees must match the CPU's); float16 mode is the fast path."""
     options = {
         "cudnn_conv_algo_search": "HEURISTIC",
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
+        "use_tf32": "0",
     }
     if config.gpu_mem_limit_bytes:
         options["gpu_mem_limit"] = str(config.gpu_mem_limit_bytes)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 6: the GPU check, as one prepared script (well under 8 minutes on an H100).
+#   bash bench/gpu_check.sh            # on a machine with an NVIDIA GPU
+# 1. onnxruntime with CUDA: the machine's own if it offers CUDAExecutionProvider, else the
+#    onnxruntime-gpu wheel carried in parts (.gpu/p*/ort.whl.part-*, named by .gpu/base/ort.whl.name:
+#    a call to the device tool carries at most 64 MiB) is joined and installed into .gpu/site with
+#    the other wheels in .gpu/base (no network needed).
+# 2. The engine and device tests, with CUDA as the default provider.
+# 3. bench/gpu.py: CUDA vs CPU trees, float16 error, the benchmark table, GPU memory over time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+OUT="${OUT:-out/gpu}"
+mkdir -p "$OUT"
+has_cuda() { "$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutionProvider' in o.get_available_providers() else 1)" 2>/dev/null; }
+
+if ! has_cuda; then
+  mkdir -p .gpu/wheels
+  cat .gpu/p*/ort.whl.part-* > ".gpu/wheels/$(cat .gpu/base/ort.whl.name)"
+  "$PY" -m pip install --quiet --no-deps --no-index --target .gpu/site .gpu/wheels/*.whl .gpu/base/*.whl
+  export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'PYEOF'
+import onnxruntime as ort
+from gap_service.runtime import resolve_providers, RuntimeConfig
+print("onnxruntime", ort.__version__, ort.__file__)
+print("available providers:", ort.get_available_providers())
+print("resolved:", resolve_providers(RuntimeConfig()))
+PYEOF
+has_cuda || { echo "no CUDAExecutionProvider: nothing to check on this machine"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/nvidia-smi.txt"
+
+echo "== engine and device tests with CUDA as the default provider"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_device.py tests/test_rules.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+
+echo "== CUDA vs CPU trees and the benchmark table"
+timeout 420 "$PY" bench/gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"

@@ -1,0 +1,190 @@
+"""Load-balanced replicas for real, on loopback: 3 servers (docker/entrypoint.sh) behind nginx
+(grpc_pass over HTTP/2, docker/nginx/gap-grpc.conf), and the Python client balancing by itself.
+
+* A bounded Explain load through nginx: every replica serves, every answer is byte-identical to
+  the engine's own tree.
+* Faults during that load: one replica gets SIGTERM (drains, exits 0), another SIGKILL (dies
+  mid-call); with nginx's next-upstream and the client's retry policy (bench/lb.py SERVICE_CONFIG),
+  every request still ends with a correct answer. The killed replica comes back and serves again.
+* No replica at all: a clean, retried UNAVAILABLE (not an HTML 502).
+* Client-side: target ipv4:a,b,c with round_robin (and health checking) over the same replicas.
+
+Everything listens on 127.0.0.1; the load is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "ppocr_cls"
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def load_lb():
+    name = "gap_bench_lb"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "lb.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+lb = load_lb()
+
+
+@pytest.fixture(scope="module")
+def nginx_binary():
+    binary = lb.nginx_binary()
+    if binary is None and os.geteuid() == 0:
+        subprocess.run(["bash", str(ROOT / "scripts" / "ci-system-deps.sh")], check=True, timeout=600)
+        binary = lb.nginx_binary()
+    if binary is None:
+        pytest.skip("nginx is not installed and this is not root: run `sudo bash scripts/ci-system-deps.sh`")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, nginx_binary):
+    cluster = lb.Cluster(tmp_path_factory.mktemp("lb"), replicas=3, models=(MODEL,), grace_period=10).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def load(cluster):
+    """The Explain request of the load and its correct answer: the in-process engine's tree, which
+    every replica reproduces exactly when asked directly (compared as serialised bytes)."""
+    import numpy as np
+
+    from gap_service.repository import BUNDLED_REPOSITORY, load_repository
+    from gap_service.server import convert
+
+    request = lb.explain_request(MODEL, depth=3, top_k=5)
+    answers = {replica.name: lb.reference_answer(replica.address, request) for replica in cluster.replicas}
+    assert len(set(answers.values())) == 1, "the replicas disagree"
+    reference = next(iter(answers.values()))
+    # The replicas' answer is the engine's: same nodes, channels, scores and maps.
+    from gap_service.server import pb
+
+    remote = convert.explanation_from_proto(pb.explanation.Explanation.FromString(reference))
+    entry = load_repository(BUNDLED_REPOSITORY)[MODEL]
+    tensor = convert.from_tensor(request.input.tensor)
+    local = entry.explainer().explain(tensor, labels=list(entry.config.labels), top_k=5, depth=3)
+    assert len(remote.nodes) == len(local.nodes) == 1 + 5 + 25 + 125
+    for r, l in zip(remote.nodes, local.nodes):
+        assert (r.parent, r.layer, r.channel, r.score) == (l.parent, l.layer, l.channel, l.score)
+        assert np.array_equal(r.map, l.map)
+    return request, reference
+
+
+def served(cluster) -> dict[str, int]:
+    return {replica.name: replica.requests("Explain").get("OK", 0) for replica in cluster.replicas}
+
+
+def test_nginx_spreads_a_bounded_load_and_every_answer_is_correct(cluster, load):
+    request, reference = load
+    before = served(cluster)
+    total = 90
+    result = lb.drive(cluster.nginx.address, request, reference, total, concurrency=4, options=lb.channel_options(), budget=90)
+    summary = result.summary()
+    assert summary["sent"] == total and summary["answered"] == total, summary
+    assert result.codes == {"OK": total}
+    after = served(cluster)
+    delta = {name: after[name] - before[name] for name in after}
+    assert sum(delta.values()) == total, delta
+    assert all(count >= total // 6 for count in delta.values()), f"uneven spread: {delta}"
+    calls = [e for e in cluster.nginx.access_entries() if e.get("uri") == "/gap.v1.GapService/Explain"]
+    assert len(calls) >= total and all(e["status"] == "200" and e["grpc_status"] == "0" for e in calls[-total:])
+    # Health through the balancer: some replica's grpc.health.v1.
+    assert lb.HEALTHCHECK.exists()
+    check = subprocess.run([sys.executable, str(lb.HEALTHCHECK), "--target", cluster.nginx.address], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0 and check.stdout.strip() == "SERVING"
+
+
+def test_client_side_round_robin_over_the_replicas(cluster, load):
+    """No proxy: the client resolves three addresses and balances per call (round_robin), skipping
+    replicas whose health Watch reports NOT_SERVING."""
+    request, reference = load
+    target = "ipv4:" + ",".join(replica.address for replica in cluster.replicas)
+    before = served(cluster)
+    total = 60
+    result = lb.drive(target, request, reference, total, concurrency=3,
+                      options=lb.channel_options(round_robin=True, health_check=True), budget=90)
+    assert result.summary()["answered"] == total and result.codes == {"OK": total}, result.summary()
+    after = served(cluster)
+    delta = {name: after[name] - before[name] for name in after}
+    assert sum(delta.values()) == total and all(count >= total // 5 for count in delta.values()), delta
+    # The same through the library's client class, with the service config as a channel option.
+    from gap_service.client import GapClient
+    from gap_service.server import convert
+
+    tensor = convert.from_tensor(request.input.tensor)
+    with GapClient(target, options=lb.channel_options(round_robin=True)) as client:
+        trees = [client.explain(MODEL, tensor=tensor, depth=3, top_k=5) for _ in range(6)]
+    assert all(len(t.nodes) == 156 for t in trees)
+    assert all(served(cluster)[name] > after[name] for name in after), "6 calls round-robin over 3 replicas reach all"
+
+
+def test_no_replica_reachable_is_a_clean_retried_unavailable(nginx_binary, tmp_path):
+    """nginx answers gRPC (grpc-status 14) rather than an HTML 502, so the client's policy retries it."""
+    import grpc
+
+    from gap_service.server import pb
+
+    nginx = lb.Nginx([f"127.0.0.1:{lb.free_port()}"], tmp_path, binary=nginx_binary).start()
+    try:
+        with grpc.insecure_channel(nginx.address, options=lb.channel_options()) as channel:
+            stub = pb.service_grpc.GapServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ListModels(pb.service.ListModelsRequest(), timeout=30)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no gap-service replica available" in error.value.details()
+            assert time.monotonic() - started < 20
+    finally:
+        nginx.stop()
+    attempts = [e.get("attempt") for e in nginx.access_entries()]
+    max_attempts = lb.RETRY_POLICY["maxAttempts"]
+    assert attempts == ["-"] + [str(i) for i in range(1, max_attempts)], attempts
+
+
+def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, load):
+    """SIGTERM replica1 (drains, exits 0) and SIGKILL replica2 during the load, then restart replica2
+    on its port: every request ends with a correct answer."""
+    request, reference = load
+    drained, killed = cluster.replicas[1], cluster.replicas[2]
+    total = 240
+    events = lb.fault_schedule(cluster, total)
+    result = lb.drive(cluster.nginx.address, request, reference, total, concurrency=4, options=lb.channel_options(),
+                      budget=120, on_progress=events)
+    events.join(90)
+    summary = {**result.summary(), **events.report(cluster)}
+    print("\nfault run:", summary)
+    assert summary["sent"] == total, summary
+    assert summary["answered"] == total and summary["lost"] == 0 and result.codes == {"OK": total}, summary
+    assert [a for _, a in events.log] == ["terminate", "kill", "restart", "rejoined"], events.log
+    # The drained replica finished its calls and left cleanly; the killed one died.
+    assert drained.wait(30) == 0
+    stopped = [e for e in drained.log_entries() if e.get("event") == "stopped"]
+    assert stopped and stopped[-1]["clean"] is True
+    assert killed.starts == 2 and killed.alive()
+    # The faults were felt: nginx moved calls off dead replicas and/or the client retried.
+    assert summary["nginx_retried_upstream"] + summary["nginx_client_retries"] > 0, summary
+    # The restarted replica is back in rotation (a short extra load reaches it).
+    restarted_before = killed.requests("Explain", all_runs=False).get("OK", 0)
+    extra = lb.drive(cluster.nginx.address, request, reference, 24, concurrency=2, options=lb.channel_options(), budget=60)
+    assert extra.answered == 24, extra.summary()
+    assert killed.requests("Explain", all_runs=False).get("OK", 0) > restarted_before or restarted_before > 0
+    # Leave the cluster whole for anything after this test.
+    drained.start().wait_serving(60)
