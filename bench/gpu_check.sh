@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh            # on a machine with an NVIDIA GPU
 # 1. onnxruntime with CUDA: the machine's own if it offers CUDAExecutionProvider, else the
 #    onnxruntime-gpu wheel carried in parts (.gpu/p*/ort.whl.part-*, named by .gpu/base/ort.whl.name:
-#    a call to the device tool carries at most 64 MiB) is joined and installed into .gpu/site with
+#    a call to the device tool carries at most 64 MiB) is joined and installed into ~/.gap-gpu-site with
 #    the other wheels in .gpu/base (no network needed).
 # 2. The engine and device tests, with CUDA as the default provider.
 # 3. bench/gpu.py: CUDA vs CPU trees, float16 error, the benchmark table, GPU memory over time.
@@ -17,8 +17,9 @@ has_cuda() { "$PY" -c "import onnxruntime as o, sys; sys.exit(0 if 'CUDAExecutio
 if ! has_cuda; then
   mkdir -p .gpu/wheels
   cat .gpu/p*/ort.whl.part-* > ".gpu/wheels/$(cat .gpu/base/ort.whl.name)"
-  "$PY" -m pip install --quiet --no-deps --no-index --target .gpu/site .gpu/wheels/*.whl .gpu/base/*.whl
-  export PYTHONPATH="$PWD/.gpu/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  site="${GPU_SITE:-$HOME/.gap-gpu-site}"  # outside the checkout, which the device tool re-syncs
+  "$PY" -m pip install --quiet --upgrade --no-deps --no-index --target "$site" .gpu/wheels/*.whl .gpu/base/*.whl
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'PYEOF'
@@ -32,7 +33,11 @@ has_cuda || { echo "no CUDAExecutionProvider: nothing to check on this machine";
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/nvidia-smi.txt"
 
 echo "== engine and device tests with CUDA as the default provider"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_device.py tests/test_rules.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+status=0
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider --tb=short tests/test_engine.py tests/test_device.py tests/test_rules.py \
+  > "$OUT/tests.txt" 2>&1 || status=$?
+tail -25 "$OUT/tests.txt"
 
 echo "== CUDA vs CPU trees and the benchmark table"
 timeout 420 "$PY" bench/gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
+exit "$status"

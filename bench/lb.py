@@ -351,8 +351,10 @@ class Outcome:
     ok: bool  # an answer byte-identical to the reference
     code: str  # OK, a status code name, or WRONG_ANSWER
     latency: float
-    attempts: int = 1  # client attempts (1 + grpc-previous-rpc-attempts when the answer says so)
+    attempts: int = 1  # calls the caller made (the channel's retry policy may have made more per call)
     started: float = 0.0
+    details: str = ""
+    retried_after: list[str] = field(default_factory=list)  # the failures the caller replayed
 
 
 @dataclass
@@ -386,7 +388,9 @@ class LoadResult:
     def summary(self) -> dict:
         return {
             "sent": self.sent, "answered": self.answered, "lost": self.sent - self.answered,
-            "retried_by_client": sum(o.attempts > 1 for o in self.outcomes), "codes": dict(self.codes),
+            "replayed_by_caller": sum(o.attempts > 1 for o in self.outcomes),
+            "caller_replay_causes": dict(Counter(f.split(" (")[0] for o in self.outcomes for f in o.retried_after)),
+            "codes": dict(self.codes),
             "throughput_rps": self.answered / self.wall if self.wall else float("nan"),
             "p50_ms": self.percentile(50) * 1000, "p99_ms": self.percentile(99) * 1000, "wall_s": self.wall,
         }
@@ -416,11 +420,32 @@ def reference_answer(address: str, request, timeout: float = 60.0) -> bytes:
     return response.explanation.SerializeToString(deterministic=True)
 
 
+def retryable(exc) -> bool:
+    """Whether a read-only call that failed this way is worth replaying on another replica.
+
+    UNAVAILABLE: a replica starting or draining, none reachable, a connection lost (the gRPC retry
+    policy already replayed it up to maxAttempts; this is the caller's last resort). INTERNAL with a
+    stream reset: a replica died after it had started to answer, and the proxy cut the stream; the
+    call was committed (response headers received), so the gRPC retry policy may not replay it, but
+    the caller may, since every gap.v1.GapService RPC is read-only. Any other status is an answer.
+    """
+    import grpc
+
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or "")
+
+
 def drive(target: str, request, reference: bytes, total: int, concurrency: int, *, options: Sequence[tuple[str, object]] = (),
-          timeout: float = 30.0, budget: float = 120.0, on_progress: Callable[[int], None] | None = None) -> LoadResult:
+          timeout: float = 30.0, budget: float = 120.0, on_progress: Callable[[int], None] | None = None,
+          retries: int = 2, retry_backoff: float = 0.25, tag: str = "lb") -> LoadResult:
     """``total`` Explain calls from ``concurrency`` threads over one channel; stops early past ``budget`` s.
 
-    ``on_progress(n)`` is called (from a worker) after the n-th finished call, for fault injection.
+    Each call is sent with an ``x-request-id`` of ``tag-index`` (nginx logs it) and, when it fails in a ``retryable``
+    way, replayed up to ``retries`` more times after ``retry_backoff`` (doubling): the caller's part
+    of the retry story, on top of the channel's retry policy (``options``). ``on_progress(n)`` is
+    called (from a worker) after the n-th finished call, for fault injection.
     """
     import grpc
 
@@ -442,16 +467,21 @@ def drive(target: str, request, reference: bytes, total: int, concurrency: int, 
             if index is None:
                 return
             began = time.perf_counter()
-            attempts = 1
-            try:
-                response, call = stub.Explain.with_call(request, timeout=timeout)
-                metadata = dict(call.initial_metadata() or ())
-                attempts += int(metadata.get("grpc-previous-rpc-attempts", 0) or 0)
-                good = response.explanation.SerializeToString(deterministic=True) == reference
-                code = "OK" if good else "WRONG_ANSWER"
-            except grpc.RpcError as exc:
-                good, code = False, exc.code().name
-            outcome = Outcome(index, good, code, time.perf_counter() - began, attempts, began - started)
+            attempts, failures = 0, []
+            while True:
+                attempts += 1
+                try:
+                    response = stub.Explain(request, timeout=timeout, metadata=(("x-request-id", f"{tag}-{index}"),))
+                    good = response.explanation.SerializeToString(deterministic=True) == reference
+                    code, details = ("OK" if good else "WRONG_ANSWER"), ""
+                    break
+                except grpc.RpcError as exc:
+                    good, code, details = False, exc.code().name, exc.details() or ""
+                    if attempts > retries or not retryable(exc):
+                        break
+                    failures.append(f"{code}: {details}")
+                    time.sleep(retry_backoff * 2 ** (attempts - 1))
+            outcome = Outcome(index, good, code, time.perf_counter() - began, attempts, began - started, details, failures)
             with lock:
                 result.outcomes.append(outcome)
                 finished[0] += 1
@@ -531,6 +561,23 @@ def fault_run(model: str, concurrency: int, requests: int, workdir: Path, depth:
         return {**result.summary(), **events.report(cluster)}
 
 
+def nginx_report(entries: list[dict[str, str]]) -> dict:
+    """What nginx's access log says about the calls: how many reached it, how many nginx moved to
+    another replica itself (refused connection), how many requests the channel's retry policy sent
+    again (grpc-previous-rpc-attempts), and the answers that were not OK."""
+    by_request: dict[str, list[dict[str, str]]] = {}
+    for entry in entries:
+        by_request.setdefault(entry.get("rid", "-"), []).append(entry)
+    return {
+        "nginx_calls": len(entries),
+        "nginx_failed_over": sum("," in e.get("upstream", "") for e in entries),
+        "policy_retried_requests": sum(any(e.get("attempt", "-") not in ("-", "") for e in group) for group in by_request.values()),
+        "policy_retry_attempts": sum(e.get("attempt", "-") not in ("-", "") for e in entries),
+        "nginx_non_ok": dict(Counter(f"{e.get('status')}/{e.get('grpc_status')}/{e.get('upstream_status')}" for e in entries
+                                     if (e.get("status"), e.get("grpc_status")) != ("200", "0"))),
+    }
+
+
 class fault_schedule:
     """Callable for ``drive(on_progress=...)``: SIGTERM replica 1 at 25 % of the load, SIGKILL replica 2
     at 45 %, restart replica 2 (same port) at 65 %; the events run in a thread, not in the load's workers."""
@@ -574,16 +621,15 @@ class fault_schedule:
         if self.errors:
             raise self.errors[0]
 
-    def report(self, cluster: Cluster) -> dict:
-        nginx_entries = [e for e in cluster.nginx.access_entries() if e.get("uri", "").endswith("/Explain")]
+    def report(self, cluster: Cluster, tag: str = "lb") -> dict:
+        nginx_entries = [e for e in cluster.nginx.access_entries()
+                         if e.get("uri", "").endswith("/Explain") and e.get("rid", "").startswith(f"{tag}-")]
         return {
             "events": [(round(t, 2), a) for t, a in self.log],
-            "drained_exit_code": cluster.replicas[1].process.returncode,
+            "drained_exit_code": cluster.replicas[1].process.poll(),
             "killed_rejoined": self.rejoined_at is not None,
             "served_by_replica": {r.name: dict(r.requests()) for r in cluster.replicas},
-            "nginx_calls": len(nginx_entries),
-            "nginx_retried_upstream": sum("," in e.get("upstream", "") for e in nginx_entries),
-            "nginx_client_retries": sum(e.get("attempt", "-") not in ("-", "", "0") for e in nginx_entries),
+            **nginx_report(nginx_entries),
         }
 
 

@@ -21,7 +21,9 @@ from .methods import CAM_METHODS, SCORE_MODES, gap_map, supporting_channels
 
 MAX_TOP_K = 64
 PRECISIONS = ("float32", "float16")
-DEFAULT_BATCH_BYTES = 256 * 2**20
+# Default memory bound of one batched gradient run, by device: host memory is shared with
+# everything else; a GPU's is the explainer's own, and fewer, larger runs keep it busy.
+DEFAULT_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class ExplainOptions:
     depth: int = 3
     min_share: float = 0.0
     score: str = "net"
-    max_batch_bytes: int = DEFAULT_BATCH_BYTES
+    max_batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES of the execution device
     seeds_per_run: int | None = None  # None: as many as the memory bound allows; 1: no level batching
     precision: str = "float32"  # "float16": gradient graphs compute in half precision (for CUDA)
 
@@ -45,7 +47,7 @@ class ExplainOptions:
             raise invalid("min_share", f"{self.min_share} is out of range [0, 1)")
         if self.score not in SCORE_MODES:
             raise invalid("score", f"'{self.score}' is not one of {list(SCORE_MODES)}")
-        if self.max_batch_bytes <= 0:
+        if self.max_batch_bytes is not None and self.max_batch_bytes <= 0:
             raise invalid("max_batch_bytes", "must be positive")
         if self.seeds_per_run is not None and self.seeds_per_run < 1:
             raise invalid("seeds_per_run", "must be at least 1")
@@ -202,7 +204,8 @@ def _chunk_size(compiled: CompiledModel, upper: str, lower: str, options: Explai
         return options.seeds_per_run
     graph, _ = compiled.vjp_graph(upper, lower)
     per_seed = 4 * 3 * max(graph.path_elements, 1)  # gradients, temporaries and the forward state
-    return max(1, options.max_batch_bytes // per_seed)
+    bound = options.max_batch_bytes or DEFAULT_BATCH_BYTES.get(compiled.placement.device, DEFAULT_BATCH_BYTES["cpu"])
+    return max(1, bound // per_seed)
 
 
 def input_hw(compiled: CompiledModel) -> tuple[int, int]:

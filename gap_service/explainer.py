@@ -10,7 +10,7 @@ import numpy as np
 
 from . import engine
 from .compiled import CompiledModel
-from .engine import DEFAULT_BATCH_BYTES, ExplainOptions, LevelCallback
+from .engine import ExplainOptions, LevelCallback
 from .explanation import Explanation
 from .errors import InvalidInputError, invalid
 from .graph.layers import Decision, LayerInfo
@@ -124,7 +124,7 @@ class Explainer:
         min_share: float = 0.0,
         *,
         score: str = "net",
-        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+        max_batch_bytes: int | None = None,
         seeds_per_run: int | None = None,
         precision: str = "float32",
         labels: Sequence[str] | None = None,

@@ -100,9 +100,20 @@ def session_options(config: RuntimeConfig) -> ort.SessionOptions:
     return options
 
 
+# IR version written into every model this package builds: onnx may default to a newer IR than
+# the installed onnxruntime reads (seen: onnx 1.23 writes IR 14, onnxruntime-gpu 1.31 reads <= 13).
+IR_VERSION = 10
+
+
+def portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Pin the IR version of a generated model to one every supported onnxruntime reads."""
+    model.ir_version = min(model.ir_version or IR_VERSION, IR_VERSION)
+    return model
+
+
 def make_session(model: onnx.ModelProto | bytes, config: RuntimeConfig, what: str) -> ort.InferenceSession:
     """Build a session, turning onnxruntime's failures into a clear model error."""
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = model if isinstance(model, bytes) else portable(model).SerializeToString()
     try:
         return ort.InferenceSession(data, session_options(config), providers=resolve_providers(config))
     except Exception as exc:
@@ -135,6 +146,6 @@ def run_single_node(op_type: str, attrs: Mapping[str, object], x: np.ndarray, do
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
     )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])
+    model = portable(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)]))
     session = make_session(model, RuntimeConfig(providers=(CPU,), threads=1), f"{op_type} probe")
     return session.run(["y"], {"x": x})[0]

@@ -4,8 +4,9 @@
 * A bounded Explain load through nginx: every replica serves, every answer is byte-identical to
   the engine's own tree.
 * Faults during that load: one replica gets SIGTERM (drains, exits 0), another SIGKILL (dies
-  mid-call); with nginx's next-upstream and the client's retry policy (bench/lb.py SERVICE_CONFIG),
-  every request still ends with a correct answer. The killed replica comes back and serves again.
+  mid-call); with nginx's next-upstream, the channel's retry policy (bench/lb.py SERVICE_CONFIG) and
+  the caller's replay of a stream cut mid-answer (bench/lb.py ``retryable``), every request still
+  ends with a correct answer. The killed replica comes back and serves again.
 * No replica at all: a clean, retried UNAVAILABLE (not an HTML 502).
 * Client-side: target ipv4:a,b,c with round_robin (and health checking) over the same replicas.
 
@@ -98,7 +99,7 @@ def test_nginx_spreads_a_bounded_load_and_every_answer_is_correct(cluster, load)
     result = lb.drive(cluster.nginx.address, request, reference, total, concurrency=4, options=lb.channel_options(), budget=90)
     summary = result.summary()
     assert summary["sent"] == total and summary["answered"] == total, summary
-    assert result.codes == {"OK": total}
+    assert result.codes == {"OK": total} and summary["replayed_by_caller"] == 0
     after = served(cluster)
     delta = {name: after[name] - before[name] for name in after}
     assert sum(delta.values()) == total, delta
@@ -122,6 +123,7 @@ def test_client_side_round_robin_over_the_replicas(cluster, load):
     result = lb.drive(target, request, reference, total, concurrency=3,
                       options=lb.channel_options(round_robin=True, health_check=True), budget=90)
     assert result.summary()["answered"] == total and result.codes == {"OK": total}, result.summary()
+    assert result.summary()["replayed_by_caller"] == 0
     after = served(cluster)
     delta = {name: after[name] - before[name] for name in after}
     assert sum(delta.values()) == total and all(count >= total // 5 for count in delta.values()), delta
@@ -167,12 +169,14 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     total = 240
     events = lb.fault_schedule(cluster, total)
     result = lb.drive(cluster.nginx.address, request, reference, total, concurrency=4, options=lb.channel_options(),
-                      budget=120, on_progress=events)
+                      budget=120, on_progress=events, tag="fault")
     events.join(90)
-    summary = {**result.summary(), **events.report(cluster)}
+    summary = {**result.summary(), **events.report(cluster, tag="fault")}
     print("\nfault run:", summary)
     assert summary["sent"] == total, summary
-    assert summary["answered"] == total and summary["lost"] == 0 and result.codes == {"OK": total}, summary
+    lost = [(o.index, o.code, o.details, o.retried_after) for o in result.outcomes if not o.ok]
+    assert summary["answered"] == total and summary["lost"] == 0 and result.codes == {"OK": total}, (lost, summary)
+    assert summary["codes"] == {"OK": total} and "WRONG_ANSWER" not in result.codes
     assert [a for _, a in events.log] == ["terminate", "kill", "restart", "rejoined"], events.log
     # The drained replica finished its calls and left cleanly; the killed one died.
     assert drained.wait(30) == 0
@@ -180,7 +184,12 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     assert stopped and stopped[-1]["clean"] is True
     assert killed.starts == 2 and killed.alive()
     # The faults were felt: nginx moved calls off dead replicas and/or the client retried.
-    assert summary["nginx_retried_upstream"] + summary["nginx_client_retries"] > 0, summary
+    assert summary["nginx_failed_over"] + summary["policy_retried_requests"] + summary["replayed_by_caller"] > 0, summary
+    # Whatever nginx answered that was not OK was a clean gRPC UNAVAILABLE (trailers-only from a
+    # draining or starting replica, or the 204 + grpc-status 14 of a dead one), or a reset stream.
+    for key in summary["nginx_non_ok"]:
+        status, grpc_status, upstream = key.split("/")
+        assert (status, grpc_status) in (("200", "-"), ("204", "-")), summary["nginx_non_ok"]
     # The restarted replica is back in rotation (a short extra load reaches it).
     restarted_before = killed.requests("Explain", all_runs=False).get("OK", 0)
     extra = lb.drive(cluster.nginx.address, request, reference, 24, concurrency=2, options=lb.channel_options(), budget=60)
@@ -188,3 +197,55 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     assert killed.requests("Explain", all_runs=False).get("OK", 0) > restarted_before or restarted_before > 0
     # Leave the cluster whole for anything after this test.
     drained.start().wait_serving(60)
+
+
+def test_client_side_round_robin_survives_the_same_faults(cluster, load):
+    """Without a proxy: health-checked round_robin stops picking a draining replica (its health Watch
+    turns NOT_SERVING), a killed one drops out with its connection, the restarted one comes back."""
+    request, reference = load
+    assert all(replica.alive() for replica in cluster.replicas)
+    target = "ipv4:" + ",".join(replica.address for replica in cluster.replicas)
+    options = lb.channel_options(round_robin=True, health_check=True)
+    total = 120
+    events = lb.fault_schedule(cluster, total)
+    result = lb.drive(target, request, reference, total, concurrency=3, options=options, budget=120, on_progress=events, tag="rr")
+    events.join(90)
+    lost = [(o.index, o.code, o.details) for o in result.outcomes if not o.ok]
+    assert result.answered == total and not lost, (lost, result.summary())
+    drained, killed = cluster.replicas[1], cluster.replicas[2]
+    assert drained.wait(30) == 0 and killed.alive()
+    # The restarted replica serves again once the channel has reconnected to it.
+    before = killed.requests("Explain", all_runs=False).get("OK", 0)
+
+    def rejoined():
+        extra = lb.drive(target, request, reference, 6, concurrency=3, options=options, budget=30, tag="rr-rejoin")
+        assert extra.answered == 6, extra.summary()
+        return killed.requests("Explain", all_runs=False).get("OK", 0) > before
+
+    lb.wait_for(rejoined, 30, "the restarted replica back in the client's rotation", interval=0.5)
+    drained.start().wait_serving(60)
+
+
+def test_retryable_statuses():
+    import grpc
+
+    class Failure(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    assert lb.retryable(Failure(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another replica"))
+    assert lb.retryable(Failure(grpc.StatusCode.INTERNAL, "Stream removed (RST_STREAM (Received RST_STREAM with error code 2))"))
+    assert not lb.retryable(Failure(grpc.StatusCode.INTERNAL, "internal error in Explain"))
+    assert not lb.retryable(Failure(grpc.StatusCode.INVALID_ARGUMENT, "top_k"))
+    assert not lb.retryable(Failure(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    config = lb.service_config(round_robin=True, health_check=True)
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}] and config["healthCheckConfig"] == {"serviceName": ""}
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "gap.v1.GapService"}]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"] and 2 <= method["retryPolicy"]["maxAttempts"] <= 5

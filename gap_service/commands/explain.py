@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--depth", type=int, default=3, help="tree depth in layers (default 3)")
     parser.add_argument("--min-share", type=float, default=0.0, help="drop children below this share of their parent")
     parser.add_argument("--score", choices=("net", "positive"), default="net", help="channel ranking (default net)")
-    parser.add_argument("--max-batch-mb", type=int, default=256, help="memory bound of one batched gradient run")
+    parser.add_argument("--max-batch-mb", type=int, help="memory bound of one batched gradient run (default: 256 on CPU, 4096 on CUDA)")
     parser.add_argument("--json", dest="json_out", help="write the tree as JSON here")
     parser.add_argument("--html", dest="html_out", help="write a self-contained HTML report here")
     parser.add_argument("--png", dest="png_out", help="write a PNG figure of the top levels here")
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     explanation = explainer.explain(
         tensor, layers=layers, target=args.target, top_k=args.top_k, depth=args.depth, min_share=args.min_share,
-        score=args.score, max_batch_bytes=args.max_batch_mb * 2**20, labels=load_labels(args, config),
+        score=args.score, max_batch_bytes=args.max_batch_mb * 2**20 if args.max_batch_mb else None, labels=load_labels(args, config),
         picture=picture, on_level=progress,
     )
     elapsed = time.perf_counter() - started
