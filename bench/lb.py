@@ -536,22 +536,27 @@ class Cluster:
 
 # -- the benchmark ----------------------------------------------------------------------------------
 def measure(replicas: int, model: str, concurrency: int, requests: int, workdir: Path, depth: int, top_k: int,
-            threads: int | None) -> dict:
-    env = {"GAP_THREADS": str(threads)} if threads else None
-    with Cluster(workdir / f"r{replicas}", replicas, (model,), env=env) as cluster:
+            threads: int | None, max_concurrent: int | None = None) -> dict:
+    env = {**({"GAP_THREADS": str(threads)} if threads else {}), **({"GAP_MAX_CONCURRENT": str(max_concurrent)} if max_concurrent else {})}
+    with Cluster(Path(tempfile.mkdtemp(prefix=f"r{replicas}-c{concurrency}-", dir=workdir)), replicas, (model,), env=env) as cluster:
         request = explain_request(model, depth, top_k)
         reference = reference_answer(cluster.replicas[0].address, request)
         drive(cluster.nginx.address, request, reference, max(4, concurrency * 2), concurrency,
               options=channel_options())  # warm-up: connections, first runs
+        before = {r.name: sum(r.requests().values()) for r in cluster.replicas}
         result = drive(cluster.nginx.address, request, reference, requests, concurrency, options=channel_options(), budget=600)
         row = {"replicas": replicas, "concurrency": concurrency, **result.summary(),
-               "served": {r.name: sum(r.requests().values()) for r in cluster.replicas}}
+               "served": {r.name: sum(r.requests().values()) - before[r.name] for r in cluster.replicas},
+               "threads_per_replica": next((e.get("threads") for e in cluster.replicas[0].log_entries() if e.get("event") == "listening"), None),
+               "max_concurrent_per_replica": next((e.get("max_concurrent") for e in cluster.replicas[0].log_entries()
+                                                   if e.get("event") == "listening"), None)}
     return row
 
 
-def fault_run(model: str, concurrency: int, requests: int, workdir: Path, depth: int, top_k: int) -> dict:
+def fault_run(model: str, concurrency: int, requests: int, workdir: Path, depth: int, top_k: int,
+              env: dict[str, str] | None = None) -> dict:
     """The fault scenario of tests/test_loadbalancing.py at bench scale."""
-    with Cluster(workdir / "fault", 3, (model,), grace_period=10) as cluster:
+    with Cluster(workdir / "fault", 3, (model,), grace_period=10, env=env) as cluster:
         request = explain_request(model, depth, top_k)
         reference = reference_answer(cluster.replicas[0].address, request)
         events = fault_schedule(cluster, requests)
@@ -641,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300, help="calls per (replicas, concurrency) (default 300)")
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per replica (default: the server's choice)")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per replica (GAP_THREADS; default: the server's choice)")
+    parser.add_argument("--max-concurrent", type=int, default=0,
+                        help="explanations at once per replica (GAP_MAX_CONCURRENT; default: the server's choice)")
     parser.add_argument("--fault", action="store_true", help="run the fault scenario instead (3 replicas)")
     parser.add_argument("--json", dest="json_out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -653,23 +660,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.fault:
             concurrency = args.concurrency[-1]
-            results["fault"] = fault_run(args.model, concurrency, args.requests, workdir, args.depth, args.top_k)
+            env = {**({"GAP_THREADS": str(args.threads)} if args.threads else {}),
+                   **({"GAP_MAX_CONCURRENT": str(args.max_concurrent)} if args.max_concurrent else {})}
+            results["fault"] = fault_run(args.model, concurrency, args.requests, workdir, args.depth, args.top_k, env)
             results["fault"]["concurrency"] = concurrency
             print(json.dumps(results["fault"], indent=2))
         else:
             for replicas in args.replicas:
                 for concurrency in args.concurrency:
                     row = measure(replicas, args.model, concurrency, args.requests, workdir, args.depth, args.top_k,
-                                  args.threads or None)
+                                  args.threads or None, args.max_concurrent or None)
                     results["rows"].append(row)
                     print(f"replicas={replicas} c={concurrency:<3d} {row['throughput_rps']:7.1f} req/s  "
                           f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  lost {row['lost']}  served {row['served']}",
                           file=sys.stderr, flush=True)
             print(f"\n{args.model} Explain depth {args.depth} top_k {args.top_k} through nginx, {results['cpus']} CPUs\n")
-            print("| replicas | concurrency | requests | req/s | p50 (ms) | p99 (ms) | lost | served per replica |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---|")
+            print("| replicas | threads x slots per replica | concurrency | requests | req/s | p50 (ms) | p99 (ms) | lost | served per replica |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
             for row in results["rows"]:
-                print(f"| {row['replicas']} | {row['concurrency']} | {row['sent']} | {row['throughput_rps']:.1f} | "
+                print(f"| {row['replicas']} | {row['threads_per_replica']} x {row['max_concurrent_per_replica']} | {row['concurrency']} | "
+                      f"{row['sent']} | {row['throughput_rps']:.1f} | "
                       f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['lost']} | {' / '.join(map(str, row['served'].values()))} |")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -37,6 +37,7 @@ class ExplainOptions:
     max_batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES of the execution device
     seeds_per_run: int | None = None  # None: as many as the memory bound allows; 1: no level batching
     precision: str = "float32"  # "float16": gradient graphs compute in half precision (for CUDA)
+    root_path: tuple[int, ...] = ()  # decompose only along these channels first (an Expand of one node)
 
     def validate(self) -> None:
         if not 1 <= self.top_k <= MAX_TOP_K:
@@ -154,6 +155,8 @@ def explain(
                 _describe_root(explanation, grad.numpy()[0], state[lower].numpy(), info.channel_axis)
             chosen = [(row, channel, share) for row in range(len(batch.node_ids))
                       for channel, share in _children(scores[row], options)]
+            if level <= len(options.root_path):
+                chosen = _follow_path(chosen, options.root_path[level - 1], level, lower)
             if not chosen:
                 continue
             group = len(chosen) if last else next_chunk
@@ -178,6 +181,15 @@ def explain(
             on_level(level, new_level)
         frontier = next_frontier
     return explanation
+
+
+def _follow_path(chosen: list[tuple[int, int, float]], channel: int, level: int, layer: str) -> list[tuple[int, int, float]]:
+    """Keep only the path's child; a path step that is not a supporting channel is a bad request."""
+    kept = [c for c in chosen if c[1] == channel]
+    if not kept:
+        raise invalid(f"path[{level - 1}]", f"channel {channel} of layer '{layer}' is not a supporting channel of its "
+                      f"parent for these options (its children are channels {[c[1] for c in chosen]})")
+    return kept
 
 
 def _describe_root(explanation: Explanation, grad: np.ndarray, activation: np.ndarray, channel_axis: int) -> None:

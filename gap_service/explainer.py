@@ -127,16 +127,22 @@ class Explainer:
         max_batch_bytes: int | None = None,
         seeds_per_run: int | None = None,
         precision: str = "float32",
+        root_path: Sequence[int] = (),
         labels: Sequence[str] | None = None,
         picture: np.ndarray | None = None,
         on_level: LevelCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Explanation:
-        """Decompose the decision for ``target`` (default: top-1) into a tree of supporting channels."""
+        """Decompose the decision for ``target`` (default: top-1) into a tree of supporting channels.
+
+        ``root_path`` (channels from the root) first follows one branch of the tree, decomposing
+        only the path's nodes, and then the node it ends at in full: what an interactive viewer's
+        "expand this node" needs, at the cost of the path plus the subtree.
+        """
         options = ExplainOptions(
             layers=tuple(layers) if layers else None, target=target, top_k=top_k, depth=depth,
             min_share=min_share, score=score, max_batch_bytes=max_batch_bytes, seeds_per_run=seeds_per_run,
-            precision=precision,
+            precision=precision, root_path=tuple(int(c) for c in root_path),
         )
         options.validate()
         feeds = self.feeds(inputs)

@@ -150,3 +150,17 @@ def test_bad_options_name_the_field(resnet, kwargs, field) -> None:
     with pytest.raises(GapError) as info:
         explainer.explain(x, **kwargs)
     assert field in str(info.value)
+
+
+def test_root_path_expands_one_node_like_the_full_tree(resnet) -> None:
+    explainer, x = resnet
+    full = explainer.explain(x, top_k=3, depth=3)
+    node = full.level(2)[4]
+    path = full.path(node.id)
+    expanded = explainer.explain(x, top_k=3, depth=3, root_path=path)
+    assert len(expanded.nodes) == len(path) + 1 + len(node.children)
+    same = next(n for n in expanded.nodes if expanded.path(n.id) == path)
+    assert [(expanded.nodes[c].channel, round(expanded.nodes[c].score, 6)) for c in same.children] == \
+        [(full.nodes[c].channel, round(full.nodes[c].score, 6)) for c in node.children]
+    with pytest.raises(GapError, match=r"path\[0\]: channel 9999"):
+        explainer.explain(x, top_k=3, depth=3, root_path=[9999])

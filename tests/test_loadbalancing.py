@@ -166,7 +166,7 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     on its port: every request ends with a correct answer."""
     request, reference = load
     drained, killed = cluster.replicas[1], cluster.replicas[2]
-    total = 240
+    total = 180
     events = lb.fault_schedule(cluster, total)
     result = lb.drive(cluster.nginx.address, request, reference, total, concurrency=4, options=lb.channel_options(),
                       budget=120, on_progress=events, tag="fault")

@@ -301,11 +301,11 @@ class GapServicer:
         return model, params, output, chain
 
     def _explain(self, model: LoadedModel, params: convert.ExplainParams, chain: list[str], feeds, picture, depth: int,
-                 should_stop, on_level=None) -> Explanation:
+                 should_stop, on_level=None, root_path: list[int] | None = None) -> Explanation:
         return model.explainer.explain(
             feeds, layers=chain, target=params.target, top_k=params.top_k, depth=depth, min_share=params.min_share,
             score=params.score, labels=list(model.entry.config.labels) or None, picture=picture,
-            on_level=on_level, should_stop=should_stop,
+            on_level=on_level, should_stop=should_stop, root_path=root_path or (),
         )
 
     def _counted(self, model: LoadedModel, record: CallRecord, then=None):
@@ -340,10 +340,10 @@ class GapServicer:
                 raise invalid(f"path[{step}]", f"channel {channel} is out of range: layer '{chain[step]}' has {channels} channels")
         with self._slot(self.explanations, context):
             feeds, picture = self._inputs(model, request.input)
-            # Recomputed from scratch (stateless): the tree down to the node and its subtree, then cut.
+            # Recomputed from scratch (stateless): only the path down to the node, then its subtree.
             started = time.perf_counter()
             result = self._explain(model, params, chain, feeds, picture, len(path) + params.depth,
-                                   lambda: not context.is_active(), self._counted(model, record))
+                                   lambda: not context.is_active(), self._counted(model, record), root_path=path)
             seconds = time.perf_counter() - started
         self.metrics.engine.labels("Expand", model.name).observe(seconds)
         node = convert.find_path(result, path)
