@@ -119,7 +119,6 @@ def main() -> None:
     pin_threads(args.threads)
 
     import numpy as np
-    import torch
 
     from gap_service import Explainer
     from gap_service.runtime import RuntimeConfig

@@ -23,8 +23,6 @@ def compare_trees(a, b) -> dict:
     in both trees, and the largest score difference among those, relative to the level's largest
     score. Trees from two devices agree where scores are well separated; near-ties (common among
     thousands of channels of a random-weight network) may swap."""
-    import numpy as np
-
     def keyed(tree):
         return {tuple(tree.path(n.id)): n for n in tree.nodes[1:]}
 
@@ -53,7 +51,6 @@ def main() -> None:
     if args.smoke:
         args.arch, args.depths, args.repeats, args.memory_runs = "resnet18", "2", 1, 3
 
-    import numpy as np
     import onnxruntime as ort
     import torch
 

@@ -161,7 +161,6 @@ class Explainer:
         feeds = self.feeds(inputs)
         compiled = self.compiled_for(feeds)
         upper_shape = compiled.shape(upper)
-        lower_shape = compiled.shape(lower)
         seeds = np.asarray(seeds, dtype=np.float32)
         if seeds.ndim != len(upper_shape) + 1 or tuple(seeds.shape[1:]) != tuple(upper_shape):
             raise invalid("seeds", f"shape {list(seeds.shape)} must be [P, *{list(upper_shape)}] for upper tensor '{upper}'")

@@ -101,7 +101,7 @@ def build_vjp_graph(nm: NormalizedModel, upper: str, lower: str) -> VjpGraph:
     where = f"from '{lower}' to '{upper}'"
     check_cone(cone, where)
     tensors = graph.tensors()
-    lower_t, upper_t = tensors[lower], tensors[upper]
+    lower_t = tensors[lower]
     for t in [lower_t, *cone.side_inputs]:
         t.inputs.clear()
         t.dtype = nm.dtypes[t.name]
