@@ -42,41 +42,8 @@ NGINX_CONF = ROOT / "docker" / "nginx" / "gap-grpc.conf"
 MODELS = ROOT / "models"
 LOOPBACK = "127.0.0.1"
 
-# The client side of the retry story (docs/deploy.md): UNAVAILABLE (a replica draining, a replica that
-# died mid-call behind nginx, no replica reachable) is retried on a fresh attempt, which the load
-# balancer (nginx, or round_robin in the client) sends to another replica. Every gap.v1.GapService
-# RPC is read-only, so a replay is safe. Up to 5 attempts, 0.1 s doubling backoff (randomised).
-RETRY_POLICY = {
-    "maxAttempts": 5,
-    "initialBackoff": "0.1s",
-    "maxBackoff": "1s",
-    "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
-}
-SERVICE_CONFIG = {
-    "methodConfig": [{"name": [{"service": "gap.v1.GapService"}], "retryPolicy": RETRY_POLICY}],
-}
-
-
-def service_config(round_robin: bool = False, health_check: bool = False) -> dict:
-    """The client service config: the retry policy, and for client-side balancing round_robin over
-    every resolved address, optionally skipping those whose grpc.health.v1 Watch says NOT_SERVING."""
-    config = json.loads(json.dumps(SERVICE_CONFIG))
-    if round_robin:
-        config["loadBalancingConfig"] = [{"round_robin": {}}]
-    if health_check:
-        config["healthCheckConfig"] = {"serviceName": ""}
-    return config
-
-
-def channel_options(round_robin: bool = False, health_check: bool = False) -> list[tuple[str, object]]:
-    return [
-        ("grpc.service_config", json.dumps(service_config(round_robin, health_check))),
-        ("grpc.enable_retries", 1),
-        # A retry replays the request from the client's buffer: room for a few Explain requests.
-        ("grpc.per_rpc_retry_buffer_size", 8 * 2**20),
-        ("grpc.retry_buffer_size", 64 * 2**20),
-    ]
+# The client side of the retry story lives in the client library (gap_service/client.py).
+from gap_service.client import RETRY_POLICY, channel_options, retryable, service_config  # noqa: E402,F401
 
 
 def free_port() -> int:
@@ -224,7 +191,7 @@ class Replica:
 
 
 # -- nginx ------------------------------------------------------------------------------------------
-REPLICAS_BLOCK = re.compile(r"(?m)^([ \t]*)# BEGIN replicas.*?\n.*?^[ \t]*# END replicas[^\n]*\n", re.S)
+REPLICAS_BLOCK = re.compile(r"(?m)^([ \t]*)# BEGIN replicas.*?\n.*?^[ \t]*# END replicas[^\n]*\n", re.DOTALL)
 LISTEN_LINE = re.compile(r"(?m)^([ \t]*)listen \d+ http2;")
 ACCESS_LOG_LINE = re.compile(r"(?m)^([ \t]*)access_log /dev/stdout gap_grpc;")
 
@@ -293,12 +260,12 @@ class Nginx:
 
     def test_config(self) -> subprocess.CompletedProcess:
         self.write_config()
-        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30)
+        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30, check=False)
 
     def start(self, timeout: float = 20.0) -> Nginx:
         self.write_config()
-        self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr.log", "ab"),
-                                        stdin=subprocess.DEVNULL)
+        with open(self.workdir / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)
 
         def listening():
             if self.process.poll() is not None:
@@ -418,23 +385,6 @@ def reference_answer(address: str, request, timeout: float = 60.0) -> bytes:
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as channel:
         response = pb.service_grpc.GapServiceStub(channel).Explain(request, timeout=timeout)
     return response.explanation.SerializeToString(deterministic=True)
-
-
-def retryable(exc) -> bool:
-    """Whether a read-only call that failed this way is worth replaying on another replica.
-
-    UNAVAILABLE: a replica starting or draining, none reachable, a connection lost (the gRPC retry
-    policy already replayed it up to maxAttempts; this is the caller's last resort). INTERNAL with a
-    stream reset: a replica died after it had started to answer, and the proxy cut the stream; the
-    call was committed (response headers received), so the gRPC retry policy may not replay it, but
-    the caller may, since every gap.v1.GapService RPC is read-only. Any other status is an answer.
-    """
-    import grpc
-
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return True
-    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or "")
 
 
 def drive(target: str, request, reference: bytes, total: int, concurrency: int, *, options: Sequence[tuple[str, object]] = (),
@@ -634,8 +584,39 @@ class fault_schedule:
             "drained_exit_code": cluster.replicas[1].process.poll(),
             "killed_rejoined": self.rejoined_at is not None,
             "served_by_replica": {r.name: dict(r.requests()) for r in cluster.replicas},
+            "served_by_restarted_replica": dict(cluster.replicas[2].requests(all_runs=False)) if self.rejoined_at else {},
             **nginx_report(nginx_entries),
         }
+
+
+def chaos_run(model: str, concurrency: int, requests: int, workdir: Path, depth: int, top_k: int, period: float,
+              env: dict[str, str] | None = None) -> dict:
+    """SIGKILL replica 1 or 2 (alternately) every ``period`` seconds during the load, restarting each
+    at once: many deaths, some while an answer is flowing (the case only the caller can replay)."""
+    with Cluster(workdir / "chaos", 3, (model,), grace_period=10, env=env) as cluster:
+        request = explain_request(model, depth, top_k)
+        reference = reference_answer(cluster.replicas[0].address, request)
+        stop = threading.Event()
+        kills = [0]
+
+        def chaos() -> None:
+            while not stop.wait(period):
+                victim = cluster.replicas[1 + kills[0] % 2]
+                victim.kill()
+                victim.wait(10)
+                kills[0] += 1
+                victim.start().wait_serving(60)
+
+        thread = threading.Thread(target=chaos, daemon=True)
+        thread.start()
+        try:
+            result = drive(cluster.nginx.address, request, reference, requests, concurrency, options=channel_options(),
+                           budget=600, tag="chaos")
+        finally:
+            stop.set()
+            thread.join(90)
+        entries = [e for e in cluster.nginx.access_entries() if e.get("rid", "").startswith("chaos-")]
+        return {**result.summary(), "kills": kills[0], **nginx_report(entries)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="explanations at once per replica (GAP_MAX_CONCURRENT; default: the server's choice)")
     parser.add_argument("--fault", action="store_true", help="run the fault scenario instead (3 replicas)")
+    parser.add_argument("--chaos", type=float, default=0.0, metavar="SECONDS",
+                        help="instead: kill and restart a replica every SECONDS during the load (3 replicas)")
     parser.add_argument("--json", dest="json_out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     if nginx_binary() is None:
@@ -658,13 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gap-lb-"))
     results: dict = {"model": args.model, "depth": args.depth, "top_k": args.top_k, "cpus": os.cpu_count(), "rows": []}
     try:
-        if args.fault:
+        env = {**({"GAP_THREADS": str(args.threads)} if args.threads else {}),
+               **({"GAP_MAX_CONCURRENT": str(args.max_concurrent)} if args.max_concurrent else {})}
+        if args.fault or args.chaos:
             concurrency = args.concurrency[-1]
-            env = {**({"GAP_THREADS": str(args.threads)} if args.threads else {}),
-                   **({"GAP_MAX_CONCURRENT": str(args.max_concurrent)} if args.max_concurrent else {})}
-            results["fault"] = fault_run(args.model, concurrency, args.requests, workdir, args.depth, args.top_k, env)
-            results["fault"]["concurrency"] = concurrency
-            print(json.dumps(results["fault"], indent=2))
+            if args.fault:
+                key, run = "fault", fault_run(args.model, concurrency, args.requests, workdir, args.depth, args.top_k, env)
+            else:
+                key, run = "chaos", chaos_run(args.model, concurrency, args.requests, workdir, args.depth, args.top_k, args.chaos, env)
+            results[key] = {**run, "concurrency": concurrency}
+            print(json.dumps(results[key], indent=2, default=str))
         else:
             for replicas in args.replicas:
                 for concurrency in args.concurrency:

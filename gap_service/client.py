@@ -14,9 +14,12 @@ HTML report, ``path``, ``upsampled``) works on a remote one. The raw stub is ``c
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -26,6 +29,74 @@ from .server import convert, pb
 
 S = pb.service
 E = pb.explanation
+
+# The retry story (docs/deploy.md). The channel's gRPC retry policy replays UNAVAILABLE (a replica
+# starting or draining, one that died mid-call behind nginx, none reachable) and CANCELLED sent by a
+# server (a replica that stopped while the call waited to be dispatched) on a fresh attempt, which
+# the load balancer sends to another replica. A call the caller cancels itself is never retried.
+# Every gap.v1.GapService RPC is read-only, so a replay is safe.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+}
+SERVICE_CONFIG = {
+    "methodConfig": [{"name": [{"service": "gap.v1.GapService"}], "retryPolicy": RETRY_POLICY}],
+}
+
+
+def service_config(round_robin: bool = False, health_check: bool = False) -> dict:
+    """The service config: the retry policy, and for client-side balancing round_robin over every
+    resolved address, optionally skipping those whose grpc.health.v1 Watch says NOT_SERVING."""
+    config = json.loads(json.dumps(SERVICE_CONFIG))
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return config
+
+
+def channel_options(round_robin: bool = False, health_check: bool = False) -> list[tuple[str, object]]:
+    return [
+        ("grpc.service_config", json.dumps(service_config(round_robin, health_check))),
+        ("grpc.enable_retries", 1),
+        # A retry replays the request from the client's buffer: room for a few Explain requests.
+        ("grpc.per_rpc_retry_buffer_size", 8 * 2**20),
+        ("grpc.retry_buffer_size", 64 * 2**20),
+    ]
+
+
+def retryable(exc: grpc.RpcError) -> bool:
+    """Whether a read-only call that failed this way is worth replaying (on another replica).
+
+    UNAVAILABLE, and CANCELLED that the caller did not ask for: the channel's retry policy already
+    replayed these up to maxAttempts; this is the caller's last resort. INTERNAL with a stream reset:
+    a replica died after it had started to answer and the proxy cut the stream; the call was
+    committed, so gRPC's retry policy may not replay it, but the caller may. Any other status is
+    an answer.
+    """
+    code = exc.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return True
+    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or "")
+
+
+T = TypeVar("T")
+
+
+def with_replays(call: Callable[[], T], replays: int = 2, backoff: float = 0.25) -> T:
+    """Run a unary call, replaying it up to ``replays`` times (backoff doubling) when ``retryable``."""
+    for attempt in range(replays + 1):
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if attempt == replays or not retryable(exc):
+                raise
+            time.sleep(backoff * 2**attempt)
+    raise AssertionError("unreachable")
+
 
 CLIENT_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
@@ -99,10 +170,16 @@ class GapClient:
     """A connection to a gap-service server; thread-safe; close() or use as a context manager."""
 
     def __init__(self, target: str, *, timeout: float | None = 120.0, channel: grpc.Channel | None = None,
-                 options: Sequence[tuple[str, object]] = ()) -> None:
+                 options: Sequence[tuple[str, object]] = (), balance: bool = False, replays: int = 2) -> None:
+        """``target``: HOST:PORT, or several (``ipv4:a:1,b:2``, ``dns:///name:port``) with
+        ``balance=True`` for client-side round_robin over healthy replicas. ``replays``: extra
+        attempts of a unary call after a ``retryable`` failure (on top of the channel's policy)."""
         self.target = target
         self.timeout = timeout
-        self.channel = channel or grpc.insecure_channel(target, options=[*CLIENT_OPTIONS, *options])
+        self.replays = replays
+        merged = dict([*CLIENT_OPTIONS, *channel_options(round_robin=balance, health_check=balance)])
+        merged.update(dict(options))  # the caller's options win over the defaults, key by key
+        self.channel = channel or grpc.insecure_channel(target, options=list(merged.items()))
         self.stub = pb.service_grpc.GapServiceStub(self.channel)
 
     def close(self) -> None:
@@ -116,6 +193,9 @@ class GapClient:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _unary(self, method, request, timeout: float | None):
+        return with_replays(lambda: method(request, timeout=self._timeout(timeout)), self.replays)
 
     # -- health ---------------------------------------------------------------------------------
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
@@ -142,17 +222,17 @@ class GapClient:
 
     # -- models ---------------------------------------------------------------------------------
     def list_models(self, timeout: float | None = None) -> list[pb.model.ModelSummary]:
-        return list(self.stub.ListModels(S.ListModelsRequest(), timeout=self._timeout(timeout)).models)
+        return list(self._unary(self.stub.ListModels, S.ListModelsRequest(), timeout).models)
 
     def get_model(self, model: str, version: int = 0, timeout: float | None = None) -> pb.service.GetModelResponse:
-        return self.stub.GetModel(S.GetModelRequest(model=model, version=version), timeout=self._timeout(timeout))
+        return self._unary(self.stub.GetModel, S.GetModelRequest(model=model, version=version), timeout)
 
     def predict(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
                 top_k: int | None = None, version: int = 0, timeout: float | None = None) -> Prediction:
         request = S.PredictRequest(model=model, version=version, input=make_input(image, tensor))
         if top_k is not None:
             request.top_k = top_k
-        response = self.stub.Predict(request, timeout=self._timeout(timeout))
+        response = self._unary(self.stub.Predict, request, timeout)
         return Prediction(convert.from_tensor(response.logits, "logits"),
                           [(c.index, c.label, c.logit, c.probability) for c in response.classes], response.engine_seconds)
 
@@ -172,7 +252,7 @@ class GapClient:
                 timeout: float | None = None, **options) -> Explanation:
         """The whole tree (see ``explain_request`` for the options)."""
         request = self.explain_request(model, image, tensor, **options)
-        response = self.stub.Explain(request, timeout=self._timeout(timeout))
+        response = self._unary(self.stub.Explain, request, timeout)
         return convert.explanation_from_proto(response.explanation)
 
     def explain_stream(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
@@ -216,6 +296,6 @@ class GapClient:
         base = self.explain_request(model, image, tensor, **options)
         request = S.ExpandRequest(model=base.model, version=base.version, input=base.input, options=base.options,
                                   output=base.output, path=list(path))
-        response = self.stub.Expand(request, timeout=self._timeout(timeout))
+        response = self._unary(self.stub.Expand, request, timeout)
         paths = {n.id: list(n.path) for n in response.explanation.nodes}
         return Expansion(convert.explanation_from_proto(response.explanation), list(path), paths)

@@ -56,7 +56,9 @@ def nginx_binary():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, nginx_binary):
-    cluster = lb.Cluster(tmp_path_factory.mktemp("lb"), replicas=3, models=(MODEL,), grace_period=10).start()
+    # 1 intra-op thread per replica, as compose and the Kubernetes CPU pods run them (docs/deploy.md).
+    cluster = lb.Cluster(tmp_path_factory.mktemp("lb"), replicas=3, models=(MODEL,), grace_period=10,
+                         env={"GAP_THREADS": "1"}).start()
     yield cluster
     cluster.stop()
 
@@ -109,7 +111,7 @@ def test_nginx_spreads_a_bounded_load_and_every_answer_is_correct(cluster, load)
     # Health through the balancer: some replica's grpc.health.v1.
     assert lb.HEALTHCHECK.exists()
     check = subprocess.run([sys.executable, str(lb.HEALTHCHECK), "--target", cluster.nginx.address], capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, check=False)
     assert check.returncode == 0 and check.stdout.strip() == "SERVING"
 
 
@@ -188,7 +190,7 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     # Whatever nginx answered that was not OK was a clean gRPC UNAVAILABLE (trailers-only from a
     # draining or starting replica, or the 204 + grpc-status 14 of a dead one), or a reset stream.
     for key in summary["nginx_non_ok"]:
-        status, grpc_status, upstream = key.split("/")
+        status, grpc_status, _upstream = key.split("/")
         assert (status, grpc_status) in (("200", "-"), ("204", "-")), summary["nginx_non_ok"]
     # The restarted replica is back in rotation (a short extra load reaches it).
     restarted_before = killed.requests("Explain", all_runs=False).get("OK", 0)
@@ -226,6 +228,53 @@ def test_client_side_round_robin_survives_the_same_faults(cluster, load):
     drained.start().wait_serving(60)
 
 
+DYING_REPLICA = r"""
+import os, time
+from concurrent import futures
+import grpc
+
+def explain(request, context):  # starts answering (response headers), then the process dies
+    context.send_initial_metadata(())
+    time.sleep(0.3)
+    os._exit(1)
+
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+    "gap.v1.GapService", {"Explain": grpc.unary_unary_rpc_method_handler(explain)}),))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+@pytest.mark.parametrize("caller_replays", [False, True])
+def test_a_replica_dying_mid_answer_is_replayed_by_the_caller(cluster, load, nginx_binary, tmp_path, caller_replays):
+    """The case the retry policy cannot cover: the replica sent its response headers, then died. nginx
+    resets the stream (INTERNAL, RST_STREAM) and the call is committed. The caller replays it (every
+    GapService RPC is read-only): nothing is lost. Without that replay, one call would be."""
+    request, reference = load
+    dying = subprocess.Popen([sys.executable, "-c", DYING_REPLICA], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(dying.stdout.readline())
+        nginx = lb.Nginx([f"127.0.0.1:{port}", cluster.replicas[0].address], tmp_path, binary=nginx_binary).start()
+        try:
+            result = lb.drive(nginx.address, request, reference, 4, concurrency=1, options=lb.channel_options(),
+                              retries=2 if caller_replays else 0, budget=60)
+        finally:
+            nginx.stop()
+    finally:
+        dying.kill()
+        dying.wait(10)
+    if caller_replays:
+        assert result.answered == 4 and result.codes == {"OK": 4}, result.summary()
+        (replayed,) = [o.retried_after for o in result.outcomes if o.attempts > 1]
+        assert len(replayed) == 1 and replayed[0].startswith("INTERNAL: ") and "RST_STREAM" in replayed[0], replayed
+    else:
+        assert result.codes == {"OK": 3, "INTERNAL": 1}, result.summary()
+        (details,) = [o.details for o in result.outcomes if not o.ok]
+        assert "RST_STREAM" in details, details
+
+
 def test_retryable_statuses():
     import grpc
 
@@ -248,4 +297,6 @@ def test_retryable_statuses():
     assert config["loadBalancingConfig"] == [{"round_robin": {}}] and config["healthCheckConfig"] == {"serviceName": ""}
     (method,) = config["methodConfig"]
     assert method["name"] == [{"service": "gap.v1.GapService"}]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"] and 2 <= method["retryPolicy"]["maxAttempts"] <= 5
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+    assert 2 <= method["retryPolicy"]["maxAttempts"] <= 5
+    assert lb.retryable(Failure(grpc.StatusCode.CANCELLED, "CANCELLED"))
