@@ -29,7 +29,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
         assert listening["port"] == server.port and listening["port"] > 0 and listening["metrics_port"] > 0
         loaded = next(e for e in entries if e["event"] == "model loaded")
         assert loaded["providers"] and loaded["load_seconds"] > 0
-        client = GapClient(server.address, timeout=60)
+        # No retries or replays: these tests watch what the draining server itself answers.
+        client = GapClient(server.address, timeout=60, replays=0, options=[("grpc.enable_retries", 0)])
         results: list[object] = []
 
         def long_request():
@@ -62,7 +63,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
 def test_grace_period_bounds_the_drain():
     server = ServerProcess(["--model", MODEL, "--max-concurrent", "1", "--grace-period", "0.3"]).start()
     try:
-        client = GapClient(server.address, timeout=60)
+        # No retries or replays: these tests watch what the draining server itself answers.
+        client = GapClient(server.address, timeout=60, replays=0, options=[("grpc.enable_retries", 0)])
         outcome: list[object] = []
 
         def very_long():
