@@ -43,6 +43,7 @@ MODELS = ROOT / "models"
 LOOPBACK = "127.0.0.1"
 
 # The client side of the retry story lives in the client library (gap_service/client.py).
+from gap_service.server.process import json_lines  # noqa: E402
 from gap_service.client import RETRY_POLICY, channel_options, retryable, service_config  # noqa: E402,F401
 
 
@@ -119,15 +120,7 @@ class Replica:
         with open(self.log_path, "rb") as handle:
             if not all_runs:
                 handle.seek(self._log_offset)
-            text = handle.read().decode(errors="replace")
-        entries = []
-        for line in text.splitlines():
-            if line.startswith("{"):
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-        return entries
+            return json_lines(handle.read().decode(errors="replace"))
 
     def requests(self, rpc: str = "Explain", all_runs: bool = True) -> Counter:
         """Calls this replica logged, by status code."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import importlib.util
 import os
 import re
 import shutil
@@ -37,16 +36,7 @@ MODEL = "ppocr_cls"
 pytestmark = pytest.mark.timeout(240)
 
 
-def load_lb():
-    """bench/lb.py: the replica/nginx harness shared with the load-balancing tests and the benchmark."""
-    name = "gap_bench_lb"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "lb.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+from support.harness import load_lb  # noqa: E402
 
 lb = load_lb()
 

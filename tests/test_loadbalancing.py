@@ -15,7 +15,6 @@ Everything listens on 127.0.0.1; the load is bounded in count and time.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -30,15 +29,7 @@ MODEL = "ppocr_cls"
 pytestmark = pytest.mark.timeout(180)
 
 
-def load_lb():
-    name = "gap_bench_lb"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "lb.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+from support.harness import load_lb  # noqa: E402
 
 lb = load_lb()
 

@@ -17,6 +17,18 @@ import time
 from pathlib import Path
 
 
+def json_lines(text: str) -> list[dict]:
+    """The JSON log entries in a server's output (other lines, e.g. from libraries, skipped)."""
+    entries = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                pass
+    return entries
+
+
 class ServerProcess:
     """A server on 127.0.0.1 with a free gRPC and metrics port; logs go to ``log_path``."""
 
@@ -64,14 +76,7 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_entries(self) -> list[dict]:
-        entries = []
-        for line in self.log_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    entries.append(json.loads(line))
-                except ValueError:
-                    pass
-        return entries
+        return json_lines(self.log_text())
 
     def requests(self, rpc: str | None = None) -> list[dict]:
         return [e for e in self.log_entries() if e.get("event") == "request" and (rpc is None or e.get("rpc") == rpc)]
