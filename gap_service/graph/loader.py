@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,10 +165,43 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
     model.ir_version = max(model.ir_version, 4)  # IR >= 4 lets initializers stand alone
 
 
+LARGE_TENSOR_BYTES = 1 << 16
+
+
+@contextmanager
+def _weights_set_aside(model: onnx.ModelProto):
+    """Let onnx's whole-model passes (version conversion, shape inference) skip large weights.
+
+    They serialise the model, and a VGG's 550 MB of weights dominated normalisation time. Large
+    initializers are marked as external data for the duration (the passes need only their dims)
+    and their bytes are put back by name afterwards; the caller receives a dict to restore into.
+    """
+    stored: dict[str, bytes] = {}
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= LARGE_TENSOR_BYTES:
+            stored[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            tensor.external_data.add(key="location", value="gap-set-aside")
+    yield stored
+
+
+def _restore_weights(model: onnx.ModelProto, stored: dict[str, bytes]) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name in stored:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = stored[tensor.name]
+
+
 def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     opset = default_opset(model)
     try:
-        upgraded = version_converter.convert_version(model, UPGRADE_TO_OPSET)
+        with _weights_set_aside(model) as stored:
+            upgraded = version_converter.convert_version(model, UPGRADE_TO_OPSET)
+        _restore_weights(upgraded, stored)
+        _restore_weights(model, stored)
     except Exception as exc:
         raise InvalidModelError(
             f"cannot upgrade the model from opset {opset} to {UPGRADE_TO_OPSET} with onnx's version converter: {exc}"
@@ -205,7 +239,11 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        with _weights_set_aside(model) as stored:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        _restore_weights(inferred, stored)
+        _restore_weights(model, stored)
+        return inferred
     except Exception as exc:
         raise InvalidModelError(f"ONNX shape inference failed: {exc}") from exc
 
