@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or a runtime failure, not bad input: say so, trace with -v
+        if args.verbose:
+            raise
+        print(f"gap-service {args.command}: internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
