@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .graph.gradient import SEED, VJP, VjpGraph
+from .graph.gradient import VJP, VjpGraph
 
 SCORES_NET = "gap_scores_net"
 SCORES_POSITIVE = "gap_scores_positive"
@@ -143,4 +143,4 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-__all__ = ["SEED", "Placement", "build_level_graph", "build_selection_graph", "placement_for", "run_bound"]
+__all__ = ["Placement", "build_level_graph", "build_selection_graph", "placement_for", "run_bound"]

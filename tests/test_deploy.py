@@ -36,7 +36,7 @@ MODEL = "ppocr_cls"
 pytestmark = pytest.mark.timeout(240)
 
 
-from support.harness import load_lb  # noqa: E402
+from support.harness import load_lb, nginx_or_skip  # noqa: E402
 
 lb = load_lb()
 
@@ -472,18 +472,7 @@ def test_compose_file():
 
 @pytest.fixture(scope="module")
 def nginx_binary():
-    return ensure_nginx()
-
-
-def ensure_nginx() -> str:
-    """nginx, installed by scripts/ci-system-deps.sh when missing and root; else skip."""
-    binary = lb.nginx_binary()
-    if binary is None and os.geteuid() == 0:
-        subprocess.run(["bash", str(ROOT / "scripts" / "ci-system-deps.sh")], check=True, timeout=600)
-        binary = lb.nginx_binary()
-    if binary is None:
-        pytest.skip("nginx is not installed and this is not root: run `sudo bash scripts/ci-system-deps.sh`")
-    return binary
+    return nginx_or_skip()
 
 
 def test_nginx_configuration_is_accepted(nginx_binary, tmp_path):

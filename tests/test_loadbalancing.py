@@ -15,7 +15,6 @@ Everything listens on 127.0.0.1; the load is bounded in count and time.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -29,20 +28,14 @@ MODEL = "ppocr_cls"
 pytestmark = pytest.mark.timeout(180)
 
 
-from support.harness import load_lb  # noqa: E402
+from support.harness import load_lb, nginx_or_skip  # noqa: E402
 
 lb = load_lb()
 
 
 @pytest.fixture(scope="module")
 def nginx_binary():
-    binary = lb.nginx_binary()
-    if binary is None and os.geteuid() == 0:
-        subprocess.run(["bash", str(ROOT / "scripts" / "ci-system-deps.sh")], check=True, timeout=600)
-        binary = lb.nginx_binary()
-    if binary is None:
-        pytest.skip("nginx is not installed and this is not root: run `sudo bash scripts/ci-system-deps.sh`")
-    return binary
+    return nginx_or_skip()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GapError, invalid
+from .common import add_explain_options, parse_layers, print_summary, write_outputs
 
 DEFAULT_SERVER = "localhost:50051"
 
@@ -44,16 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     explain = add("explain", "explain one input and write the report")
     explain.add_argument("model")
     explain.add_argument("input", help="an image (PNG/JPEG) or a preprocessed .npy tensor")
-    explain.add_argument("--layers", help="comma-separated layer tensors, highest first (default: the model's)")
-    explain.add_argument("--target", type=int, help="class index to explain (default: the top-1 class)")
-    explain.add_argument("--top-k", type=int, default=5, help="children per node (default 5)")
-    explain.add_argument("--depth", type=int, default=3, help="tree depth in layers (default 3)")
-    explain.add_argument("--min-share", type=float, default=0.0, help="drop children below this share of their parent")
-    explain.add_argument("--score", choices=("net", "positive"), default="net", help="channel ranking (default net)")
+    add_explain_options(explain)
     explain.add_argument("--stream", action="store_true", help="use ExplainStream and report each level as it arrives")
-    explain.add_argument("--json", dest="json_out", help="write the tree as JSON here")
-    explain.add_argument("--html", dest="html_out", help="write a self-contained HTML report here")
-    explain.add_argument("--png", dest="png_out", help="write a PNG figure of the top levels here")
     parser.set_defaults(run=run)
 
 
@@ -114,7 +107,7 @@ def _predict(client, args) -> int:
 
 def _explain(client, args) -> int:
     options = dict(
-        layers=[n for n in args.layers.split(",") if n] if args.layers else None, target=args.target, top_k=args.top_k,
+        layers=parse_layers(args.layers), target=args.target, top_k=args.top_k,
         depth=args.depth, min_share=args.min_share, score=args.score, cams=True, picture=True,
     )
     started = time.perf_counter()
@@ -129,20 +122,8 @@ def _explain(client, args) -> int:
             raise GapError("the server sent no levels")
     else:
         explanation = client.explain(args.model, **_input(args.input), **options)
-    elapsed = time.perf_counter() - started
-    label = f" '{explanation.label}'" if explanation.label is not None else ""
-    probability = f", p={explanation.probability:.3f}" if explanation.probability is not None else ""
-    print(f"class {explanation.target}{label}: logit {explanation.logit:.4f}{probability}; "
-          f"{len(explanation.nodes)} nodes in {elapsed:.2f} s from {args.server}")
-    for node in explanation.level(1):
-        print(f"  {node.layer} channel {node.channel}: score {node.score:.4g}, share {node.share:.1%}")
-    if args.html_out or args.png_out or args.json_out:
-        from ..report import write_report
-
-        write_report(explanation, html_path=args.html_out, png_path=args.png_out, json_path=args.json_out)
-        for out in (args.html_out, args.png_out, args.json_out):
-            if out:
-                print(f"wrote {out}")
+    print_summary(explanation, time.perf_counter() - started, args.server)
+    write_outputs(explanation, args)
     return 0
 
 

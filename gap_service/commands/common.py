@@ -19,6 +19,46 @@ def parse_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
     return (name or None), shape
 
 
+def add_explain_options(parser: argparse.ArgumentParser) -> None:
+    """The tree options and report outputs, shared by the local and the remote ``explain``."""
+    parser.add_argument("--layers", help="comma-separated layer tensors, highest first (default: the model's)")
+    parser.add_argument("--target", type=int, help="class index to explain (default: the top-1 class)")
+    parser.add_argument("--top-k", type=int, default=5, help="children per node (default 5)")
+    parser.add_argument("--depth", type=int, default=3, help="tree depth in layers (default 3)")
+    parser.add_argument("--min-share", type=float, default=0.0, help="drop children below this share of their parent")
+    parser.add_argument("--score", choices=("net", "positive"), default="net", help="channel ranking (default net)")
+    parser.add_argument("--json", dest="json_out", help="write the tree as JSON here")
+    parser.add_argument("--html", dest="html_out", help="write a self-contained HTML report here")
+    parser.add_argument("--png", dest="png_out", help="write a PNG figure of the top levels here")
+
+
+def parse_layers(text: str | None) -> list[str] | None:
+    return [name for name in text.split(",") if name] if text else None
+
+
+def print_summary(explanation, elapsed: float, source: str = "") -> None:
+    """The decision and its first-level evidence, one line each."""
+    label = f" '{explanation.label}'" if explanation.label is not None else ""
+    probability = f", p={explanation.probability:.3f}" if explanation.probability is not None else ""
+    where = f" from {source}" if source else ""
+    print(f"class {explanation.target}{label}: logit {explanation.logit:.4f}{probability}; "
+          f"{len(explanation.nodes)} nodes in {elapsed:.2f} s{where}")
+    for node in explanation.level(1):
+        print(f"  {node.layer} channel {node.channel}: score {node.score:.4g}, share {node.share:.1%}")
+
+
+def write_outputs(explanation, args: argparse.Namespace) -> None:
+    """The JSON/HTML/PNG files that ``add_explain_options`` asked for."""
+    if not (args.html_out or args.png_out or args.json_out):
+        return
+    from ..report import write_report
+
+    write_report(explanation, html_path=args.html_out, png_path=args.png_out, json_path=args.json_out)
+    for out in (args.json_out, args.html_out, args.png_out):
+        if out:
+            print(f"wrote {out}")
+
+
 def add_input_shape(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input-shape", action="append", default=[], metavar="[NAME=]D0,D1,...",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -13,25 +12,17 @@ import numpy as np
 
 from ..errors import invalid
 from ..explainer import Explainer
-from ..explanation import Explanation, Node
+from ..explanation import Node
 from ..preprocess import Preprocessing, decode_image, load_preprocessing, preprocess
 from ..repository import BUNDLED_REPOSITORY, ModelConfig
-from .common import add_input_shape, input_shapes
+from .common import add_explain_options, add_input_shape, input_shapes, parse_layers, print_summary, write_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("explain", help="decompose a model's decision on one input into a tree of evidence")
     add_model_arguments(parser)
-    parser.add_argument("--layers", help="comma-separated layer tensors, highest first (default: the candidate layers)")
-    parser.add_argument("--target", type=int, help="class index to explain (default: the top-1 class)")
-    parser.add_argument("--top-k", type=int, default=5, help="children per node (default 5)")
-    parser.add_argument("--depth", type=int, default=3, help="tree depth in layers (default 3)")
-    parser.add_argument("--min-share", type=float, default=0.0, help="drop children below this share of their parent")
-    parser.add_argument("--score", choices=("net", "positive"), default="net", help="channel ranking (default net)")
+    add_explain_options(parser)
     parser.add_argument("--max-batch-mb", type=int, help="memory bound of one batched gradient run (default: 256 on CPU, 4096 on CUDA)")
-    parser.add_argument("--json", dest="json_out", help="write the tree as JSON here")
-    parser.add_argument("--html", dest="html_out", help="write a self-contained HTML report here")
-    parser.add_argument("--png", dest="png_out", help="write a PNG figure of the top levels here")
     parser.set_defaults(run=run)
 
 
@@ -121,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     path, config = resolve_model(args)
     tensor, picture = load_input(args, config)
     explainer = build_explainer(args, path, config, tensor)
-    layers = [name for name in args.layers.split(",") if name] if args.layers else (list(config.layers) if config and config.layers else None)
+    layers = parse_layers(args.layers) or (list(config.layers) if config and config.layers else None)
     print(f"explaining {path} with depth {args.depth}, top_k {args.top_k}", file=sys.stderr)
     started = time.perf_counter()
     explanation = explainer.explain(
@@ -133,25 +124,3 @@ def run(args: argparse.Namespace) -> int:
     print_summary(explanation, elapsed)
     write_outputs(explanation, args)
     return 0
-
-
-def print_summary(explanation: Explanation, elapsed: float) -> None:
-    label = f" '{explanation.label}'" if explanation.label is not None else ""
-    probability = f", p={explanation.probability:.3f}" if explanation.probability is not None else ""
-    print(f"class {explanation.target}{label}: logit {explanation.logit:.4f}{probability}; "
-          f"{len(explanation.nodes)} nodes in {elapsed:.2f} s")
-    for node in explanation.level(1):
-        print(f"  {node.layer} channel {node.channel}: score {node.score:.4g}, share {node.share:.1%}")
-
-
-def write_outputs(explanation: Explanation, args: argparse.Namespace) -> None:
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(explanation.to_dict(), indent=2))
-        print(f"wrote {args.json_out}")
-    if args.html_out or args.png_out:
-        from ..report import write_report
-
-        write_report(explanation, html_path=args.html_out, png_path=args.png_out)
-        for out in (args.html_out, args.png_out):
-            if out:
-                print(f"wrote {out}")
