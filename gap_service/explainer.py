@@ -8,10 +8,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import engine
+from . import engine, faithfulness
 from .compiled import CompiledModel
 from .engine import ExplainOptions, LevelCallback
 from .explanation import Explanation
+from .faithfulness import Ablation
 from .errors import InvalidInputError, invalid
 from .graph.layers import Decision, LayerInfo
 from .graph.loader import InputSpec, ModelSource, input_specs, normalize, read_model, resolve_input_shapes
@@ -150,6 +151,22 @@ class Explainer:
             self.compiled_for(feeds), feeds, options, model_name=self.name, labels=labels,
             picture=picture, on_level=on_level, should_stop=should_stop,
         )
+
+    def ablate(self, inputs: Inputs, layer: str, channels: Sequence[int], target: int | None = None) -> Ablation:
+        """The decision's logit before and after zeroing ``channels`` of ``layer`` (the faithfulness
+        check of docs/faithfulness.md for the root; target default: the top-1 class)."""
+        feeds = self.feeds(inputs)
+        compiled = self.compiled_for(feeds)
+        info = compiled.layer(layer)
+        bad = [c for c in channels if not 0 <= int(c) < info.channels]
+        if bad:
+            raise invalid("channels", f"{bad} out of range: layer '{layer}' has {info.channels} channels")
+        logits = compiled.decision.logits
+        state = compiled.forward(feeds, [logits, *compiled.state_names(logits, layer)])
+        chosen = engine.resolve_target(compiled, state[logits], target)
+        seed = np.zeros(state[logits].shape, dtype=np.float32)
+        seed.reshape(-1)[chosen] = 1.0
+        return faithfulness.ablate(compiled, logits, layer, state, seed, channels)
 
     # -- gradients ------------------------------------------------------------------------------
     def forward(self, inputs: Inputs, names: Sequence[str]) -> dict[str, np.ndarray]:

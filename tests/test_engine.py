@@ -164,3 +164,16 @@ def test_root_path_expands_one_node_like_the_full_tree(resnet) -> None:
         [(full.nodes[c].channel, round(full.nodes[c].score, 6)) for c in node.children]
     with pytest.raises(GapError, match=r"path\[0\]: channel 9999"):
         explainer.explain(x, top_k=3, depth=3, root_path=[9999])
+
+
+def test_ablate_zeroes_channels_and_measures_the_logit(resnet) -> None:
+    explainer, x = resnet
+    tree = explainer.explain(x, top_k=3, depth=1)
+    layer = tree.layers[0]
+    top = [n.channel for n in tree.level(1)]
+    result = explainer.ablate(x, layer, top)
+    assert result.before == pytest.approx(tree.logit, rel=1e-5)
+    assert result.drop > 0 and result.channels == tuple(top)
+    assert explainer.ablate(x, layer, []).drop == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(GapError, match="channels"):
+        explainer.ablate(x, layer, [10**6])

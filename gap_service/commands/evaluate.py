@@ -12,7 +12,7 @@ import numpy as np
 from ..examples import evaluation_image
 from ..faithfulness import RANKINGS, evaluate_case, node_cases
 from ..preprocess import preprocess
-from ..repository import BUNDLED_REPOSITORY, load_repository
+from ..repository import BUNDLED_REPOSITORY, find_model, load_repository
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
     ms = [int(v) for v in args.ms.split(",") if v]
     results = {}
     for name in args.models:
-        from ..repository import find_model
-
         entry = find_model(entries, name)
         layers = [info.name for info in entry.explainer().compiled().layers][:2]
         results[name] = (layers, evaluate_model(entry, args.images, ms, args.children, args.seed))
