@@ -98,6 +98,11 @@ class CompiledModel:
                     cached = self._vjp[key] = (graph, session)
         return cached
 
+    def path_elements(self, upper: str, lower: str) -> int:
+        """Elements of all forward tensors on the path from ``lower`` to ``upper`` (a per-seed memory estimate)."""
+        graph, _ = self.vjp_graph(upper, lower)
+        return graph.path_elements
+
     def run_vjp(self, upper: str, lower: str, state: Mapping[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
         """VJPs for a seed batch [P, *shape(upper)] given forward ``state`` (lower + side inputs)."""
         graph, session = self.vjp_graph(upper, lower)
