@@ -1,10 +1,12 @@
-"""Example inputs made by the project (no downloads): rendered document pages and text lines.
+"""Example inputs (no downloads): rendered document pages and text lines, and the bundled photos.
 
-They suit the bundled models (page orientation, text-line direction) and make seeded,
-reproducible evaluation sets.
+Pages and text lines suit the orientation models and make seeded, reproducible evaluation sets of
+any size; the ImageNet model's set is the photos of examples/photos (see its LICENSES.md).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -54,10 +56,22 @@ def text_line(seed: int = 0) -> Image.Image:
     return image
 
 
-def evaluation_image(model: str, index: int) -> Image.Image:
-    """The index-th image of a model's evaluation set (rotations cover every class)."""
+PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
+PHOTO_MODELS = frozenset({"efficientnet_lite0"})
+
+
+def photo_set() -> list[Image.Image]:
+    """The bundled photos as shipped, then their mirror images: a small set of real inputs."""
+    photos = [Image.open(path).convert("RGB") for path in sorted(PHOTOS.glob("*.[jp][pn]g"))]
+    return photos + [photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for photo in photos]
+
+
+def evaluation_set(model: str, count: int) -> list[Image.Image]:
+    """The first ``count`` images of a model's evaluation set (rotations cover every class); the
+    photo set is finite, so a photo model gets at most its size."""
+    if model in PHOTO_MODELS:
+        return photo_set()[:count]
     if model == "ppocr_cls":
-        line = text_line(seed=1000 + index)
-        return line.rotate(180) if index % 2 else line
-    page = document_page(seed=index)
-    return page.rotate(90 * (index % 4), expand=True)
+        lines = [text_line(seed=1000 + index) for index in range(count)]
+        return [line.rotate(180) if index % 2 else line for index, line in enumerate(lines)]
+    return [document_page(seed=index).rotate(90 * (index % 4), expand=True) for index in range(count)]
