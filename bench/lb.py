@@ -361,7 +361,7 @@ def explain_request(model: str = "ppocr_cls", depth: int = 3, top_k: int = 5, se
 
     from gap_service.client import make_input, make_options, make_output
     from gap_service.repository import load_repository
-    from gap_service.server import pb
+    from gap_service.wire import pb
 
     shape = load_repository(MODELS)[model].config.input_shape
     tensor = np.random.RandomState(seed).randn(*shape).astype(np.float32)
@@ -373,7 +373,7 @@ def reference_answer(address: str, request, timeout: float = 60.0) -> bytes:
     """The explanation a replica gives when asked directly (serialised deterministically)."""
     import grpc
 
-    from gap_service.server import pb
+    from gap_service.wire import pb
 
     with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)]) as channel:
         response = pb.service_grpc.GapServiceStub(channel).Explain(request, timeout=timeout)
@@ -392,7 +392,7 @@ def drive(target: str, request, reference: bytes, total: int, concurrency: int, 
     """
     import grpc
 
-    from gap_service.server import pb
+    from gap_service.wire import pb
 
     channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1), *options])
     stub = pb.service_grpc.GapServiceStub(channel)

@@ -111,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # In-process engine time for the same request (the server is idle meanwhile).
         explainer = entry.explainer()
-        labels = list(entry.config.labels)
-        explainer.explain(tensor, labels=labels, **options)  # warm-up
-        engine = timed(lambda: explainer.explain(tensor, labels=labels, **options), args.overhead_repeats)
+        explainer.explain(tensor, **options)  # warm-up
+        engine = timed(lambda: explainer.explain(tensor, **options), args.overhead_repeats)
         compiled = explainer.compiled()
         feeds = explainer.feeds(tensor)
         names = [compiled.decision.logits] + ([compiled.decision.probabilities] if compiled.decision.probabilities else [])
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
         calls = {
             "Predict": lambda: client.stub.Predict(
-                __import__("gap_service.server.pb", fromlist=["service"]).service.PredictRequest(
+                __import__("gap_service.wire.pb", fromlist=["service"]).service.PredictRequest(
                     model=args.model, input=request.input), timeout=600),
             "Explain": lambda: client.stub.Explain(request, timeout=600),
         }

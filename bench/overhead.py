@@ -15,7 +15,8 @@ from pathlib import Path
 from gap_service.client import GapClient
 from gap_service.preprocess import decode_image, preprocess
 from gap_service.repository import BUNDLED_REPOSITORY, load_repository
-from gap_service.server import convert, pb
+from gap_service.wire import pb
+from gap_service.wire.tensors import to_tensor
 from gap_service.server.process import ServerProcess
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -38,7 +39,7 @@ def main() -> None:
         explainer.explain(x)
         in_process.append(time.perf_counter() - start)
     with ServerProcess(["--model", args.model]) as server, GapClient(server.address) as client:
-        request = pb.service.ExplainRequest(model=args.model, input=pb.service.Input(tensor=convert.to_tensor(x)))
+        request = pb.service.ExplainRequest(model=args.model, input=pb.service.Input(tensor=to_tensor(x)))
         for _ in range(5):
             client.stub.Explain(request)
         total, engine = [], []

@@ -17,18 +17,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from .explanation import Explanation, Node
-from .server import convert, pb
+from .options import ExplainOptions
+from .prediction import Prediction
+from .wire import messages, pb
+from .wire.messages import OutputOptions, input_to_proto
+from .wire.tensors import from_tensor
 
 S = pb.service
-E = pb.explanation
+_OPTION_FIELDS = set(ExplainOptions.__dataclass_fields__)
+_OUTPUT_FIELDS = set(OutputOptions.__dataclass_fields__)
 
 # The retry story (docs/deploy.md). The channel's gRPC retry policy replays UNAVAILABLE (a replica
 # starting or draining, one that died mid-call behind nginx, none reachable) and CANCELLED sent by a
@@ -83,6 +90,20 @@ def retryable(exc: grpc.RpcError) -> bool:
     return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or "")
 
 
+def bad_request(status: grpc.Call | grpc.RpcError) -> list[tuple[str, str]]:
+    """Field violations of an error status (client side helper): [(field, description)]."""
+    decoded = rpc_status.from_call(status)  # type: ignore[arg-type]
+    if decoded is None:
+        return []
+    found = []
+    for detail in decoded.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            found.extend((v.field, v.description) for v in request.field_violations)
+    return found
+
+
 T = TypeVar("T")
 
 
@@ -112,13 +133,6 @@ ImageSource = bytes | str | Path
 
 
 @dataclass
-class Prediction:
-    logits: np.ndarray
-    classes: list[tuple[int, str, float, float]]  # (index, label, logit, probability), best first
-    engine_seconds: float
-
-
-@dataclass
 class StreamLevel:
     """One message of ExplainStream: the level's new nodes and the tree assembled so far."""
 
@@ -137,33 +151,19 @@ class Expansion:
     paths: dict[int, list[int]] = field(default_factory=dict)  # node id -> channels from the decision
 
 
-def make_input(image: ImageSource | None = None, tensor: np.ndarray | None = None, input_name: str = "") -> pb.service.Input:
-    if (image is None) == (tensor is None):
-        raise ValueError("pass exactly one of image (encoded bytes or a file path) or tensor (numpy array)")
-    if image is not None:
-        data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        return S.Input(image=data)
-    return S.Input(tensor=convert.to_tensor(np.asarray(tensor), name=input_name))
-
-
-def make_options(layers: Sequence[str] | None = None, target: int | None = None, top_k: int | None = None,
-                 depth: int | None = None, min_share: float = 0.0, score: str | None = None) -> pb.explanation.ExplainOptions:
-    options = E.ExplainOptions(layers=list(layers or ()), min_share=min_share)
-    if target is not None:
-        options.target = target
-    if top_k is not None:
-        options.top_k = top_k
-    if depth is not None:
-        options.depth = depth
-    if score is not None:
-        options.score = convert.SCORE_ENUMS[score]
-    return options
-
-
-def make_output(map_dtype: str = "float32", heatmaps: bool = False, cams: bool = False, picture: bool = False,
-                omit_maps: bool = False) -> pb.explanation.OutputOptions:
-    return E.OutputOptions(map_dtype=convert.dtype_code(np.dtype(map_dtype)), heatmaps=heatmaps, cams=cams,
-                           picture=picture, omit_maps=omit_maps)
+def explain_request(model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
+                    version: int = 0, options: ExplainOptions | None = None, output: OutputOptions | None = None,
+                    **fields: object) -> pb.service.ExplainRequest:
+    """An ExplainRequest; ``fields`` set single ExplainOptions or OutputOptions fields (``top_k=3, heatmaps=True``)."""
+    unknown = set(fields) - _OPTION_FIELDS - _OUTPUT_FIELDS
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}; they are the fields of ExplainOptions and OutputOptions")
+    options = replace(options or ExplainOptions(), **{k: v for k, v in fields.items() if k in _OPTION_FIELDS})
+    if options.layers is not None:
+        options = replace(options, layers=tuple(options.layers))
+    output = replace(output or OutputOptions(), **{k: v for k, v in fields.items() if k in _OUTPUT_FIELDS})
+    return S.ExplainRequest(model=model, version=version, input=input_to_proto(image, tensor),
+                            options=messages.options_to_proto(options), output=messages.output_to_proto(output))
 
 
 class GapClient:
@@ -181,6 +181,8 @@ class GapClient:
         merged.update(dict(options))  # the caller's options win over the defaults, key by key
         self.channel = channel or grpc.insecure_channel(target, options=list(merged.items()))
         self.stub = pb.service_grpc.GapServiceStub(self.channel)
+
+    explain_request = staticmethod(explain_request)
 
     def close(self) -> None:
         self.channel.close()
@@ -229,31 +231,17 @@ class GapClient:
 
     def predict(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
                 top_k: int | None = None, version: int = 0, timeout: float | None = None) -> Prediction:
-        request = S.PredictRequest(model=model, version=version, input=make_input(image, tensor))
+        request = S.PredictRequest(model=model, version=version, input=input_to_proto(image, tensor))
         if top_k is not None:
             request.top_k = top_k
-        response = self._unary(self.stub.Predict, request, timeout)
-        return Prediction(convert.from_tensor(response.logits, "logits"),
-                          [(c.index, c.label, c.logit, c.probability) for c in response.classes], response.engine_seconds)
+        return messages.prediction_from_proto(self._unary(self.stub.Predict, request, timeout))
 
     # -- explanations ---------------------------------------------------------------------------
-    def explain_request(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
-                        version: int = 0, layers: Sequence[str] | None = None, target: int | None = None,
-                        top_k: int | None = None, depth: int | None = None, min_share: float = 0.0,
-                        score: str | None = None, map_dtype: str = "float32", heatmaps: bool = False,
-                        cams: bool = False, picture: bool = False, omit_maps: bool = False) -> pb.service.ExplainRequest:
-        return S.ExplainRequest(
-            model=model, version=version, input=make_input(image, tensor),
-            options=make_options(layers, target, top_k, depth, min_share, score),
-            output=make_output(map_dtype, heatmaps, cams, picture, omit_maps),
-        )
-
     def explain(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
                 timeout: float | None = None, **options) -> Explanation:
         """The whole tree (see ``explain_request`` for the options)."""
-        request = self.explain_request(model, image, tensor, **options)
-        response = self._unary(self.stub.Explain, request, timeout)
-        return convert.explanation_from_proto(response.explanation)
+        response = self._unary(self.stub.Explain, explain_request(model, image, tensor, **options), timeout)
+        return messages.explanation_from_proto(response.explanation)
 
     def explain_stream(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
                        timeout: float | None = None, **options) -> Iterator[StreamLevel]:
@@ -261,25 +249,23 @@ class GapClient:
 
         Breaking out of the loop cancels the call (the server stops computing).
         """
-        base = self.explain_request(model, image, tensor, **options)
-        request = S.ExplainStreamRequest(model=base.model, version=base.version, input=base.input,
-                                         options=base.options, output=base.output)
+        request = S.ExplainStreamRequest(request=explain_request(model, image, tensor, **options))
         call = self.stub.ExplainStream(request, timeout=self._timeout(timeout))
         tree: Explanation | None = None
         try:
             for message in call:
                 if message.HasField("header"):
-                    tree = convert.explanation_from_proto(message.header)
+                    tree = messages.explanation_from_proto(message.header)
                 assert tree is not None, "the first ExplainStream message carries the header"
                 if message.HasField("root"):
-                    tree.nodes[0] = convert.node_from_proto(message.root)
+                    tree.nodes[0] = messages.node_from_proto(message.root)
                 if message.HasField("summary"):
                     summary = message.summary
                     tree.probability = summary.probability if summary.HasField("probability") else None
-                    tree.cams = {name: convert.from_tensor(t).astype(np.float32) for name, t in summary.cams.items()}
+                    tree.cams = {name: from_tensor(t).astype(np.float32) for name, t in summary.cams.items()}
                     yield StreamLevel(message.level, [], tree, done=True)
                     continue
-                nodes = [convert.node_from_proto(n) for n in message.nodes]
+                nodes = [messages.node_from_proto(n) for n in message.nodes]
                 for node in nodes:
                     if node.id != len(tree.nodes):
                         raise ValueError(f"stream out of order: node {node.id} after {len(tree.nodes)} nodes")
@@ -293,9 +279,7 @@ class GapClient:
     def expand(self, model: str, path: Sequence[int], image: ImageSource | None = None, tensor: np.ndarray | None = None,
                *, timeout: float | None = None, **options) -> Expansion:
         """The subtree below the node at ``path`` (channels from the root), top_k/depth for the subtree."""
-        base = self.explain_request(model, image, tensor, **options)
-        request = S.ExpandRequest(model=base.model, version=base.version, input=base.input, options=base.options,
-                                  output=base.output, path=list(path))
+        request = S.ExpandRequest(request=explain_request(model, image, tensor, **options), path=list(path))
         response = self._unary(self.stub.Expand, request, timeout)
         paths = {n.id: list(n.path) for n in response.explanation.nodes}
-        return Expansion(convert.explanation_from_proto(response.explanation), list(path), paths)
+        return Expansion(messages.explanation_from_proto(response.explanation), list(path), paths)

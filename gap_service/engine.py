@@ -17,56 +17,27 @@ import onnxruntime as ort
 from .compiled import CompiledModel
 from .errors import CancelledError, invalid
 from .explanation import Explanation, Node
-from .methods import CAM_METHODS, SCORE_MODES, gap_map, supporting_channels
+from .methods import CAM_METHODS, gap_map, supporting_channels
+from .options import ExplainOptions
 
-MAX_TOP_K = 64
-PRECISIONS = ("float32", "float16")
 # Default memory bound of one batched gradient run, by device: host memory is shared with
 # everything else; a GPU's is the explainer's own, and fewer, larger runs keep it busy.
 DEFAULT_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 
 
-@dataclass(frozen=True)
-class ExplainOptions:
-    layers: tuple[str, ...] | None = None
-    target: int | None = None
-    top_k: int = 5
-    depth: int = 3
-    min_share: float = 0.0
-    score: str = "net"
-    max_batch_bytes: int | None = None  # None: DEFAULT_BATCH_BYTES of the execution device
-    seeds_per_run: int | None = None  # None: as many as the memory bound allows; 1: no level batching
-    precision: str = "float32"  # "float16": gradient graphs compute in half precision (for CUDA)
-    root_path: tuple[int, ...] = ()  # decompose only along these channels first (an Expand of one node)
-
-    def validate(self) -> None:
-        if not 1 <= self.top_k <= MAX_TOP_K:
-            raise invalid("top_k", f"{self.top_k} is out of range [1, {MAX_TOP_K}]")
-        if self.depth < 1:
-            raise invalid("depth", f"{self.depth} must be at least 1")
-        if not 0.0 <= self.min_share < 1.0:
-            raise invalid("min_share", f"{self.min_share} is out of range [0, 1)")
-        if self.score not in SCORE_MODES:
-            raise invalid("score", f"'{self.score}' is not one of {list(SCORE_MODES)}")
-        if self.max_batch_bytes is not None and self.max_batch_bytes <= 0:
-            raise invalid("max_batch_bytes", "must be positive")
-        if self.seeds_per_run is not None and self.seeds_per_run < 1:
-            raise invalid("seeds_per_run", "must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise invalid("precision", f"'{self.precision}' is not one of {list(PRECISIONS)}")
-
-
-LevelCallback = Callable[[int, list[Node]], None]
+# Called after each level with the level, its new nodes and the tree so far (level 0: the root).
+LevelCallback = Callable[[int, list[Node], Explanation], None]
 
 
 def resolve_layers(compiled: CompiledModel, options: ExplainOptions) -> list[str]:
     candidates = list(options.layers) if options.layers else [info.name for info in compiled.layers]
-    for name in candidates:
+    for index, name in enumerate(candidates):
         info = compiled.layer(name)  # raises UnknownTensorError for unknown names
         if len(info.shape) != 4 or info.shape[0] != 1:
-            raise invalid("layers", f"layer '{name}' has shape {list(info.shape)}; layers must be 4-D feature maps of batch 1")
+            raise invalid(f"options.layers[{index}]", f"layer '{name}' has shape {list(info.shape)}; "
+                          "layers must be 4-D feature maps of batch 1")
     if options.depth > len(candidates):
-        raise invalid("depth", f"{options.depth} exceeds the {len(candidates)} available layers {candidates}")
+        raise invalid("options.depth", f"{options.depth} levels exceed the {len(candidates)} layers of the chain {candidates}")
     return candidates[: options.depth]
 
 
@@ -74,7 +45,7 @@ def resolve_target(compiled: CompiledModel, logits: np.ndarray, target: int | No
     if target is None:
         return int(np.argmax(logits))
     if not 0 <= target < logits.size:
-        raise invalid("target", f"class {target} is out of range [0, {logits.size})")
+        raise invalid("options.target", f"class {target} is out of range [0, {logits.size})")
     return int(target)
 
 
@@ -106,7 +77,6 @@ def explain(
     on_level: LevelCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Explanation:
-    options.validate()
     layers = resolve_layers(compiled, options)
     decision = compiled.decision
     chain = [decision.logits, *layers]
@@ -135,7 +105,7 @@ def explain(
         input_hw=input_hw(compiled), picture=picture,
     )
     if on_level is not None:
-        on_level(0, [root])
+        on_level(0, [root], explanation)
 
     frontier = [_SeedBatch([0], compiled.placement.to_device(root_seed))]
     for level, (upper, lower) in enumerate(pairs, start=1):
@@ -178,7 +148,7 @@ def explain(
                 if child_seeds is not None:
                     next_frontier.append(_SeedBatch(ids, child_seeds))
         if on_level is not None:
-            on_level(level, new_level)
+            on_level(level, new_level, explanation)
         frontier = next_frontier
     return explanation
 
@@ -214,8 +184,7 @@ def _children(scores: np.ndarray, options: ExplainOptions) -> list[tuple[int, fl
 def _chunk_size(compiled: CompiledModel, upper: str, lower: str, options: ExplainOptions) -> int:
     if options.seeds_per_run is not None:
         return options.seeds_per_run
-    graph, _ = compiled.vjp_graph(upper, lower)
-    per_seed = 4 * 3 * max(graph.path_elements, 1)  # gradients, temporaries and the forward state
+    per_seed = 4 * 3 * max(compiled.path_elements(upper, lower), 1)  # gradients, temporaries and the forward state
     bound = options.max_batch_bytes or DEFAULT_BATCH_BYTES.get(compiled.placement.device, DEFAULT_BATCH_BYTES["cpu"])
     return max(1, bound // per_seed)
 

@@ -80,3 +80,10 @@ class CancelledError(GapError):
 def invalid(field: str, description: str) -> InvalidInputError:
     """An InvalidInputError that names the offending field."""
     return InvalidInputError(f"{field}: {description}", (FieldViolation(field, description),))
+
+
+def raise_violations(violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
+    """Raise one InvalidInputError listing every violation, if there are any."""
+    if violations:
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        raise InvalidInputError(message, tuple(violations))

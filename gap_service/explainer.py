@@ -1,34 +1,71 @@
-"""The public entry point: ``Explainer`` wraps one ONNX model for gradients and explanations."""
+"""The public entry point: ``Explainer`` wraps one ONNX model for predictions, gradients and explanations.
+
+The CLI and the server call only this class: every request is one call here, with inputs
+(tensors or an encoded image) and one ``ExplainOptions``; everything below it (compiled graphs,
+sessions, the engine) is an implementation detail.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import engine, faithfulness
 from .compiled import CompiledModel
-from .engine import ExplainOptions, LevelCallback
+from .engine import LevelCallback
+from .errors import invalid
 from .explanation import Explanation
 from .faithfulness import Ablation
-from .errors import InvalidInputError, invalid
 from .graph.layers import Decision, LayerInfo
 from .graph.loader import InputSpec, ModelSource, input_specs, normalize, read_model, resolve_input_shapes
+from .inputs import EncodedImage, InputPolicy, Inputs, Prepared
+from .options import ExplainOptions
+from .prediction import DEFAULT_TOP_CLASSES, Prediction, top_classes
+from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
-
-Inputs = np.ndarray | Mapping[str, np.ndarray]
 
 MAX_SPECIALISATIONS = 4
 
+__all__ = ["EncodedImage", "ExplainOptions", "Explainer", "ModelDescription"]
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a client needs to know to call the model (GetModel, ``inspect``)."""
+
+    inputs: list[tuple[InputSpec, tuple[int, ...]]]  # each input with the shape it runs at
+    decision: Decision
+    layers: list[LayerInfo]  # the default chain first, then the other discovered layers
+    default_layers: tuple[str, ...]
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing | None
+    input_hw: tuple[int, int]
+    providers: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return int(np.prod(self.decision.shape))
+
+    @property
+    def max_map_elements(self) -> int:
+        """Largest map a node (or an upsampled heatmap) can have."""
+        height, width = self.input_hw
+        return max([height * width, *(int(np.prod(info.spatial_shape)) for info in self.layers)])
+
 
 class Explainer:
-    """Gradients and gAP explanations for any ONNX CNN.
+    """Predictions, gradients and gAP explanations for any ONNX CNN.
 
     The model is normalised and compiled lazily per input shape (a fully static model compiles
     once). ``providers`` picks onnxruntime execution providers; default: CUDA when available,
-    else CPU.
+    else CPU. ``labels``, ``preprocessing`` (for encoded images) and ``layers`` (the default
+    chain) usually come from the model's config.json; ``fixed_shapes`` makes the configured input
+    shapes the only ones accepted (a served model compiles once, whatever clients send).
     """
 
     def __init__(
@@ -41,16 +78,26 @@ class Explainer:
         explain_probability: bool = False,
         runtime: RuntimeConfig | None = None,
         name: str | None = None,
+        labels: Sequence[str] = (),
+        preprocessing: Preprocessing | None = None,
+        layers: Sequence[str] | None = None,
+        fixed_shapes: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self._proto = read_model(model_path_or_bytes)
         self.name = name or self._proto.graph.name or "model"
         self.inputs: list[InputSpec] = input_specs(self._proto)
+        self.labels = tuple(labels)
+        self.preprocessing = preprocessing
+        self.default_layers = tuple(layers) if layers else None
         self._runtime = runtime or RuntimeConfig(providers=tuple(providers) if providers else None)
         self._output = output
         self._explain_probability = explain_probability
         if input_shapes is not None and not isinstance(input_shapes, Mapping):
             input_shapes = {self.inputs[0].name: tuple(input_shapes)}  # a bare shape: the first input
         self._default_shapes = dict(input_shapes or {})
+        fixed = resolve_input_shapes(self.inputs, self._default_shapes) if fixed_shapes else None
+        self._policy = InputPolicy(self.inputs, preprocessing, fixed, max_image_pixels)
         self._compiled: OrderedDict[tuple, CompiledModel] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -72,35 +119,15 @@ class Explainer:
                 self._compiled.popitem(last=False)
         return compiled
 
-    def feeds(self, inputs: Inputs) -> dict[str, np.ndarray]:
-        """Validate inputs (names, dtypes, finiteness) and return them as a feed dict."""
-        if isinstance(inputs, Mapping):
-            feeds = dict(inputs)
-        else:
-            if len(self.inputs) != 1:
-                raise InvalidInputError(f"the model has {len(self.inputs)} inputs {[s.name for s in self.inputs]}; pass a dict")
-            feeds = {self.inputs[0].name: inputs}
-        specs = {s.name: s for s in self.inputs}
-        for name in feeds:
-            if name not in specs:
-                raise invalid(f"inputs.{name}", f"unknown input; the model's inputs are {sorted(specs)}")
-        for name, spec in specs.items():
-            if name not in feeds:
-                raise invalid(f"inputs.{name}", "missing input")
-            array = np.asarray(feeds[name])
-            if array.dtype.kind not in "fiu":
-                raise invalid(f"inputs.{name}", f"dtype {array.dtype} is not numeric")
-            array = array.astype(spec.dtype, copy=False)
-            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-                raise invalid(f"inputs.{name}", "contains NaN or infinite values")
-            if array.ndim != len(spec.dims):
-                raise invalid(f"inputs.{name}", f"has shape {list(array.shape)}, the model expects rank {len(spec.dims)} {list(spec.dims)}")
-            if array.shape and array.shape[0] != 1:
-                raise invalid(f"inputs.{name}", f"batch size {array.shape[0]}: explanations take one input at a time (batch 1)")
-            feeds[name] = np.ascontiguousarray(array)
-        return feeds
+    def prepare(self, inputs: Inputs, picture: np.ndarray | None = None) -> Prepared:
+        """Validate inputs (names, dtypes, shapes, finiteness; images decoded and preprocessed)."""
+        return self._policy.prepare(inputs, picture)
 
-    def compiled_for(self, feeds: Mapping[str, np.ndarray]) -> CompiledModel:
+    def feeds(self, inputs: Inputs) -> dict[str, np.ndarray]:
+        """The validated feed dict of ``inputs`` (for ``forward`` and lower-level calls)."""
+        return self.prepare(inputs).feeds
+
+    def _compiled_for(self, feeds: Mapping[str, np.ndarray]) -> CompiledModel:
         return self.compiled({name: value.shape for name, value in feeds.items()})
 
     # -- description ----------------------------------------------------------------------------
@@ -114,49 +141,95 @@ class Explainer:
     def decision(self, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Decision:
         return self.compiled(input_shapes).decision
 
-    # -- explanations ---------------------------------------------------------------------------
+    def describe(self) -> ModelDescription:
+        """The model at its configured input shapes: inputs, decision, layers, labels, preprocessing."""
+        compiled = self.compiled()
+        chain = self.default_layers or tuple(info.name for info in compiled.layers)
+        names = dict.fromkeys([*chain, *(info.name for info in compiled.layers)])
+        return ModelDescription(
+            inputs=[(spec, tuple(compiled.nm.inputs[spec.name])) for spec in self.inputs],
+            decision=compiled.decision, layers=[compiled.layer(name) for name in names], default_layers=tuple(chain),
+            labels=self.labels, preprocessing=self.preprocessing, input_hw=engine.input_hw(compiled),
+            providers=compiled.providers,
+        )
+
+    # -- predictions and explanations ---------------------------------------------------------------
+    def predict(self, inputs: Inputs, top_k: int = DEFAULT_TOP_CLASSES) -> Prediction:
+        """The decision's logits and the ``top_k`` classes (labels and probabilities)."""
+        if top_k < 1:
+            raise invalid("top_k", f"{top_k} must be at least 1")
+        feeds = self.feeds(inputs)
+        compiled = self._compiled_for(feeds)
+        decision = compiled.decision
+        names = [decision.logits] + ([decision.probabilities] if decision.probabilities else [])
+        started = time.perf_counter()
+        values = compiled.forward(feeds, names)
+        seconds = time.perf_counter() - started
+        logits = values[decision.logits]
+        probabilities = values[decision.probabilities] if decision.probabilities else None
+        return Prediction(logits, top_classes(logits, probabilities, self.labels, top_k), seconds)
+
     def explain(
         self,
         inputs: Inputs,
-        layers: Sequence[str] | None = None,
-        target: int | None = None,
-        top_k: int = 5,
-        depth: int = 3,
-        min_share: float = 0.0,
+        options: ExplainOptions | None = None,
         *,
-        score: str = "net",
-        max_batch_bytes: int | None = None,
-        seeds_per_run: int | None = None,
-        precision: str = "float32",
-        root_path: Sequence[int] = (),
-        labels: Sequence[str] | None = None,
         picture: np.ndarray | None = None,
         on_level: LevelCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        **fields: object,
     ) -> Explanation:
-        """Decompose the decision for ``target`` (default: top-1) into a tree of supporting channels.
+        """Decompose the decision for ``options.target`` (default: top-1) into a tree of supporting channels.
 
-        ``root_path`` (channels from the root) first follows one branch of the tree, decomposing
-        only the path's nodes, and then the node it ends at in full: what an interactive viewer's
-        "expand this node" needs, at the cost of the path plus the subtree.
+        ``fields`` override single options (``explain(x, top_k=3, depth=2)``). ``root_path``
+        (channels from the root) first follows one branch of the tree, decomposing only the
+        path's nodes, and then the node it ends at in full: what "expand this node" needs, at the
+        cost of the path plus the subtree (see ``expand``).
         """
-        options = ExplainOptions(
-            layers=tuple(layers) if layers else None, target=target, top_k=top_k, depth=depth,
-            min_share=min_share, score=score, max_batch_bytes=max_batch_bytes, seeds_per_run=seeds_per_run,
-            precision=precision, root_path=tuple(int(c) for c in root_path),
+        options = self._options(options, fields)
+        prepared = self.prepare(inputs, picture)
+        started = time.perf_counter()
+        explanation = engine.explain(
+            self._compiled_for(prepared.feeds), prepared.feeds, options, model_name=self.name,
+            labels=self.labels or None, picture=prepared.picture, on_level=on_level, should_stop=should_stop,
         )
+        explanation.engine_seconds = time.perf_counter() - started
+        return explanation
+
+    def expand(self, inputs: Inputs, path: Sequence[int], options: ExplainOptions | None = None, *,
+               on_level: LevelCallback | None = None, should_stop: Callable[[], bool] | None = None,
+               **fields: object) -> Explanation:
+        """The subtree below the node at ``path`` (channels from the root); ``top_k`` and ``depth``
+        apply to the subtree (and ``top_k`` along the path). nodes[0] is the node, ids from 0."""
+        options = self._options(options, fields)
+        path = tuple(int(c) for c in path)
+        options = replace(options, root_path=path, depth=len(path) + options.depth)
+        full = self.explain(inputs, options, on_level=on_level, should_stop=should_stop)
+        subtree = full.subtree(options.root_path)
+        subtree.engine_seconds = full.engine_seconds
+        return subtree
+
+    def _options(self, options: ExplainOptions | None, fields: Mapping[str, object]) -> ExplainOptions:
+        options = options or ExplainOptions()
+        if fields:
+            try:
+                options = replace(options, **fields)
+            except TypeError as exc:
+                raise TypeError(f"{exc}; the options are the fields of ExplainOptions") from exc
+        if options.layers is not None:
+            options = replace(options, layers=tuple(options.layers))
+        elif self.default_layers:
+            options = replace(options, layers=self.default_layers)
+        if options.root_path:
+            options = replace(options, root_path=tuple(int(c) for c in options.root_path))
         options.validate()
-        feeds = self.feeds(inputs)
-        return engine.explain(
-            self.compiled_for(feeds), feeds, options, model_name=self.name, labels=labels,
-            picture=picture, on_level=on_level, should_stop=should_stop,
-        )
+        return options
 
     def ablate(self, inputs: Inputs, layer: str, channels: Sequence[int], target: int | None = None) -> Ablation:
         """The decision's logit before and after zeroing ``channels`` of ``layer`` (the faithfulness
         check of docs/faithfulness.md for the root; target default: the top-1 class)."""
         feeds = self.feeds(inputs)
-        compiled = self.compiled_for(feeds)
+        compiled = self._compiled_for(feeds)
         info = compiled.layer(layer)
         bad = [c for c in channels if not 0 <= int(c) < info.channels]
         if bad:
@@ -171,12 +244,12 @@ class Explainer:
     # -- gradients ------------------------------------------------------------------------------
     def forward(self, inputs: Inputs, names: Sequence[str]) -> dict[str, np.ndarray]:
         feeds = self.feeds(inputs)
-        return self.compiled_for(feeds).forward(feeds, names)
+        return self._compiled_for(feeds).forward(feeds, names)
 
     def vjp(self, inputs: Inputs, upper: str, lower: str, seeds: np.ndarray) -> np.ndarray:
         """``[P, *shape(lower)]`` gradients of <seeds[p], upper> with respect to ``lower``."""
         feeds = self.feeds(inputs)
-        compiled = self.compiled_for(feeds)
+        compiled = self._compiled_for(feeds)
         upper_shape = compiled.shape(upper)
         seeds = np.asarray(seeds, dtype=np.float32)
         if seeds.ndim != len(upper_shape) + 1 or tuple(seeds.shape[1:]) != tuple(upper_shape):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from .errors import invalid
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Explanation:
     input_hw: tuple[int, int]
     picture: np.ndarray | None = None  # RGB uint8 picture of the input, when known
     cams: dict[str, np.ndarray] = field(default_factory=dict)  # "gradcam"/"layercam" at layer l_1
+    root_path: tuple[int, ...] = ()  # channels from the decision to nodes[0] (a subtree of an Expand)
+    engine_seconds: float = 0.0  # time spent computing it (forward and gradient runs)
 
     @property
     def root(self) -> Node:
@@ -70,13 +75,47 @@ class Explanation:
         return max(n.level for n in self.nodes)
 
     def path(self, node_id: int) -> list[int]:
-        """Channels from the root down to this node (the root itself excluded)."""
+        """Channels from the decision down to this node (the decision itself excluded)."""
         channels = []
         node = self.nodes[node_id]
         while node.parent is not None:
             channels.append(node.channel)
             node = self.nodes[node.parent]
-        return channels[::-1]
+        return [*self.root_path, *channels[::-1]]
+
+    def paths(self) -> dict[int, list[int]]:
+        """Every node's path, in one pass (parents come before their children)."""
+        paths: dict[int, list[int]] = {self.nodes[0].id: list(self.root_path)}
+        for node in self.nodes[1:]:
+            paths[node.id] = [*paths[node.parent], node.channel]
+        return paths
+
+    def node_at(self, path: Sequence[int]) -> Node:
+        """The node at ``path`` (channels from nodes[0]), or an error naming the step that is not a child."""
+        node = self.root
+        for step, channel in enumerate(path):
+            children = [self.nodes[c] for c in node.children]
+            match = next((c for c in children if c.channel == channel), None)
+            if match is None:
+                raise invalid(f"path[{step}]", f"channel {channel} of layer '{self.layers[len(self.root_path) + step]}' is not a supporting "
+                              f"channel of its parent for these options (its children are channels {[c.channel for c in children]})")
+            node = match
+        return node
+
+    def subtree(self, path: Sequence[int]) -> Explanation:
+        """The subtree below the node at ``path``: nodes[0] is that node, ids renumbered from 0.
+
+        Levels and paths stay those of the full tree; the decision's CAMs stay only with the root.
+        """
+        top = self.node_at(path)
+        order = [top]
+        for current in order:
+            order.extend(self.nodes[c] for c in current.children)
+        order.sort(key=lambda n: n.id)
+        ids = {n.id: index for index, n in enumerate(order)}
+        nodes = [replace(n, id=ids[n.id], parent=ids.get(n.parent) if n is not top else None,
+                         children=[ids[c] for c in n.children]) for n in order]
+        return replace(self, nodes=nodes, root_path=(*self.root_path, *path), cams=self.cams if not path else {})
 
     def upsampled(self, node_id: int) -> np.ndarray:
         """The node's map stretched to the input resolution (bilinear), for display."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import InvalidModelError, UnknownModelError
 from .explainer import Explainer
-from .preprocess import Preprocessing
+from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
@@ -58,23 +58,25 @@ class ModelConfig:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelEntry:
-    """One servable model version with its (lazily compiled) explainer."""
+    """One servable model version, as its config.json describes it."""
 
     config: ModelConfig
     version: int
     path: Path
     versions: tuple[int, ...]
-    _explainer: Explainer | None = None
 
-    def explainer(self, runtime: RuntimeConfig | None = None) -> Explainer:
-        if self._explainer is None:
-            self._explainer = Explainer(
-                self.path, runtime=runtime, input_shapes=self.config.input_shape, output=self.config.output,
-                explain_probability=self.config.explain_probability, name=self.config.name,
-            )
-        return self._explainer
+    def explainer(self, runtime: RuntimeConfig | None = None, *, fixed_shapes: bool = False,
+                  max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Explainer:
+        """An Explainer configured from config.json (labels, preprocessing, layers, shapes, output)."""
+        config = self.config
+        return Explainer(
+            self.path, runtime=runtime, input_shapes=config.input_shape, output=config.output,
+            explain_probability=config.explain_probability, name=config.name, labels=config.labels,
+            preprocessing=config.preprocessing, layers=config.layers, fixed_shapes=fixed_shapes,
+            max_image_pixels=max_image_pixels,
+        )
 
 
 def load_repository(root: str | Path) -> dict[str, ModelEntry]:

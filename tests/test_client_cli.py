@@ -51,7 +51,7 @@ def test_client_explain_writes_the_report(server, tmp_path, stream):
     assert "nodes in" in result.stdout and html.stat().st_size > 1000
     tree = json.loads(json_out.read_text())
     entry = load_repository(BUNDLED_REPOSITORY)[MODEL]
-    local = entry.explainer().explain(sample_tensor(), depth=2, top_k=3, labels=list(entry.config.labels))
+    local = entry.explainer().explain(sample_tensor(), depth=2, top_k=3)
     assert tree["nodes"] == local.to_dict()["nodes"]
     if stream:
         assert "level 2:" in result.stderr

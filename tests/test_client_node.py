@@ -60,7 +60,7 @@ def test_node_client_calls_every_rpc(node_client, tmp_path):
     assert out["predict"]["logits"] == [float(v) for v in logits.reshape(-1)]
 
     # Explain over gRPC from Node equals the in-process engine, maps bit for bit.
-    local = explainer.explain(tensor, depth=3, top_k=3, labels=labels)
+    local = explainer.explain(tensor, depth=3, top_k=3)
     remote = out["explain"]
     assert remote["target"] == local.target and remote["logit"] == local.logit
     assert remote["probability"] == local.probability and remote["layers"] == local.layers
@@ -73,7 +73,7 @@ def test_node_client_calls_every_rpc(node_client, tmp_path):
     assert [e["path"] for e in out["expand"]][0] == []
 
     picture_tensor, _ = preprocess(decode_image(png), entry.config.preprocessing)
-    from_image = explainer.explain(picture_tensor, depth=2, top_k=2, labels=labels)
+    from_image = explainer.explain(picture_tensor, depth=2, top_k=2)
     assert out["image"]["target"] == from_image.target
     assert [r["map_sha256"] for r in out["image"]["nodes"]] == [sha(n.map) for n in from_image.nodes]
     assert out["image"]["picture_shape"] == [48, 192, 3] and out["image"]["heatmap_png"] == "PNG"

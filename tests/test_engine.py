@@ -121,7 +121,7 @@ def test_tree_shape_shares_and_pruning(resnet) -> None:
 def test_target_and_levels_stream_in_order(resnet) -> None:
     explainer, x = resnet
     seen: list[tuple[int, int]] = []
-    explanation = explainer.explain(x, target=3, top_k=2, depth=3, on_level=lambda level, nodes: seen.append((level, len(nodes))))
+    explanation = explainer.explain(x, target=3, top_k=2, depth=3, on_level=lambda level, nodes, tree: seen.append((level, len(nodes))))
     assert explanation.target == 3
     assert [level for level, _ in seen] == [0, 1, 2, 3]
     assert sum(count for _, count in seen) == len(explanation.nodes)

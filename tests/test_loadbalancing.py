@@ -54,19 +54,19 @@ def load(cluster):
     import numpy as np
 
     from gap_service.repository import BUNDLED_REPOSITORY, load_repository
-    from gap_service.server import convert
+    from gap_service.wire import messages, tensors
 
     request = lb.explain_request(MODEL, depth=3, top_k=5)
     answers = {replica.name: lb.reference_answer(replica.address, request) for replica in cluster.replicas}
     assert len(set(answers.values())) == 1, "the replicas disagree"
     reference = next(iter(answers.values()))
     # The replicas' answer is the engine's: same nodes, channels, scores and maps.
-    from gap_service.server import pb
+    from gap_service.wire import pb
 
-    remote = convert.explanation_from_proto(pb.explanation.Explanation.FromString(reference))
+    remote = messages.explanation_from_proto(pb.explanation.Explanation.FromString(reference))
     entry = load_repository(BUNDLED_REPOSITORY)[MODEL]
-    tensor = convert.from_tensor(request.input.tensor)
-    local = entry.explainer().explain(tensor, labels=list(entry.config.labels), top_k=5, depth=3)
+    tensor = tensors.from_tensor(request.input.tensor)
+    local = entry.explainer().explain(tensor, top_k=5, depth=3)
     assert len(remote.nodes) == len(local.nodes) == 1 + 5 + 25 + 125
     for r, l in zip(remote.nodes, local.nodes):
         assert (r.parent, r.layer, r.channel, r.score) == (l.parent, l.layer, l.channel, l.score)
@@ -115,9 +115,9 @@ def test_client_side_round_robin_over_the_replicas(cluster, load):
     assert sum(delta.values()) == total and all(count >= total // 5 for count in delta.values()), delta
     # The same through the library's client class, with the service config as a channel option.
     from gap_service.client import GapClient
-    from gap_service.server import convert
+    from gap_service.wire import messages, tensors
 
-    tensor = convert.from_tensor(request.input.tensor)
+    tensor = tensors.from_tensor(request.input.tensor)
     with GapClient(target, options=lb.channel_options(round_robin=True)) as client:
         trees = [client.explain(MODEL, tensor=tensor, depth=3, top_k=5) for _ in range(6)]
     assert all(len(t.nodes) == 156 for t in trees)
@@ -128,7 +128,7 @@ def test_no_replica_reachable_is_a_clean_retried_unavailable(nginx_binary, tmp_p
     """nginx answers gRPC (grpc-status 14) rather than an HTML 502, so the client's policy retries it."""
     import grpc
 
-    from gap_service.server import pb
+    from gap_service.wire import pb
 
     nginx = lb.Nginx([f"127.0.0.1:{lb.free_port()}"], tmp_path, binary=nginx_binary).start()
     try:

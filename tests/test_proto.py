@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gap_service.server import protogen
+from gap_service.wire import protogen
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
@@ -82,7 +82,7 @@ def test_every_element_is_documented(tmp_path):
 
 
 def test_service_contract():
-    from gap_service.server import pb
+    from gap_service.wire import pb
 
     service = pb.service.DESCRIPTOR.services_by_name["GapService"]
     assert service.full_name == "gap.v1.GapService"
@@ -106,6 +106,6 @@ def test_generated_code_is_current_and_reproducible(tmp_path):
 
 
 def test_protogen_cli_check():
-    result = subprocess.run([sys.executable, "-m", "gap_service.server.protogen", "--check"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "gap_service.wire.protogen", "--check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

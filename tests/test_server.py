@@ -13,7 +13,7 @@ from PIL import Image
 from gap_service.client import GapClient
 from gap_service.preprocess import decode_image, preprocess
 from gap_service.repository import BUNDLED_REPOSITORY, load_repository
-from gap_service.server import pb
+from gap_service.wire import pb
 from gap_service.server.process import shared_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -59,7 +59,7 @@ def sample_png(width: int = 240, height: int = 40) -> bytes:
 
 
 def local_explain(entry, explainer, tensor, picture=None, **options):
-    return explainer.explain(tensor, labels=list(entry.config.labels), picture=picture, **options)
+    return explainer.explain(tensor, picture=picture, **options)
 
 
 def assert_same_tree(remote, local, compare_children=True):
@@ -168,9 +168,7 @@ def test_explain_stream_levels_in_order(client, entry, explainer):
     tensor = sample_tensor()
     local = local_explain(entry, explainer, tensor, depth=4, top_k=3)
     request = client.explain_request(MODEL, tensor=tensor, depth=4, top_k=3, cams=True)
-    stream_request = pb.service.ExplainStreamRequest(model=request.model, input=request.input, options=request.options,
-                                                     output=request.output)
-    messages = list(client.stub.ExplainStream(stream_request, timeout=30))
+    messages = list(client.stub.ExplainStream(pb.service.ExplainStreamRequest(request=request), timeout=30))
     levels = [m.level for m in messages if not m.HasField("summary")]
     assert levels == list(range(5))
     assert messages[0].HasField("header") and messages[0].header.target == local.target

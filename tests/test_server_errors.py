@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from gap_service.client import GapClient
-from gap_service.server import pb
-from gap_service.server.errors import bad_request
+from gap_service.wire import pb
+from gap_service.client import bad_request
 from gap_service.server.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -59,7 +59,7 @@ def request(**fields) -> pb.service.ExplainRequest:
 
 
 def _tensor_proto(array):
-    from gap_service.server.convert import to_tensor
+    from gap_service.wire.tensors import to_tensor
 
     return to_tensor(array)
 
@@ -146,21 +146,20 @@ def test_resource_exhausted(client):
 
 
 def test_expand_bad_paths(client):
-    error = call_error(client, "Expand", S.ExpandRequest(model=MODEL, input=request().input, path=[10**6]))
+    error = call_error(client, "Expand", S.ExpandRequest(request=request(), path=[10**6]))
     assert error.code() == C.INVALID_ARGUMENT and [f for f, _ in bad_request(error)] == ["path[0]"]
-    error = call_error(client, "Expand", S.ExpandRequest(model=MODEL, input=request().input, path=[-1]))
+    error = call_error(client, "Expand", S.ExpandRequest(request=request(), path=[-1]))
     assert error.code() == C.INVALID_ARGUMENT
     full = client.explain(MODEL, tensor=tensor(), depth=1, top_k=2)
     kept = {full.nodes[c].channel for c in full.root.children}
     other = next(c for c in range(100) if c not in kept)
-    message = S.ExpandRequest(model=MODEL, input=request().input, path=[other])
-    message.options.top_k = 2
+    message = S.ExpandRequest(request=request(**{"options.top_k": 2}), path=[other])
     error = call_error(client, "Expand", message)
     assert error.code() == C.INVALID_ARGUMENT and "not a supporting channel" in error.details()
 
 
 def test_deadline_1ms(client):
-    for method, message in (("Explain", request()), ("ExplainStream", S.ExplainStreamRequest(model=MODEL, input=request().input))):
+    for method, message in (("Explain", request()), ("ExplainStream", S.ExplainStreamRequest(request=request()))):
         error = call_error(client, method, message, timeout=0.001)
         assert error.code() == C.DEADLINE_EXCEEDED
     assert client.health() == "SERVING"
@@ -189,8 +188,7 @@ def _wait_record(server, rpc, predicate, timeout=10.0):
 
 def test_client_cancel_mid_stream_stops_computing(server, client):
     full = client.explain(MODEL, tensor=tensor(), depth=5, top_k=4, omit_maps=True)
-    stream = S.ExplainStreamRequest(model=MODEL, input=request().input)
-    stream.options.depth, stream.options.top_k = 5, 4
+    stream = S.ExplainStreamRequest(request=request(**{"options.depth": 5, "options.top_k": 4}))
     call = client.stub.ExplainStream(stream, timeout=60)
     first = next(call)
     assert first.level == 0

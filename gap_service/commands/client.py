@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GapError, invalid
-from .common import add_explain_options, parse_layers, print_summary, write_outputs
+from .common import add_explain_options, explain_options, print_summary, write_outputs
 
 DEFAULT_SERVER = "localhost:50051"
 
@@ -65,14 +65,12 @@ def _input(path_text: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..client import GapClient
+    from ..client import GapClient, bad_request
 
     with GapClient(args.server, timeout=args.timeout) as client:
         try:
             return ACTIONS[args.action](client, args)
         except grpc.RpcError as exc:
-            from ..server.errors import bad_request
-
             print(f"gap-service client {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             for field, description in bad_request(exc):
                 print(f"  {field}: {description}", file=sys.stderr)
@@ -106,10 +104,7 @@ def _predict(client, args) -> int:
 
 
 def _explain(client, args) -> int:
-    options = dict(
-        layers=parse_layers(args.layers), target=args.target, top_k=args.top_k,
-        depth=args.depth, min_share=args.min_share, score=args.score, cams=True, picture=True,
-    )
+    options = dict(options=explain_options(args), cams=True, picture=True)
     started = time.perf_counter()
     if args.stream:
         explanation = None

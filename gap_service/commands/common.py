@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 from ..errors import invalid
+from ..methods import SCORE_MODES
+from ..options import ExplainOptions
+
+DEFAULTS = ExplainOptions()
 
 
 def parse_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
@@ -23,17 +27,24 @@ def add_explain_options(parser: argparse.ArgumentParser) -> None:
     """The tree options and report outputs, shared by the local and the remote ``explain``."""
     parser.add_argument("--layers", help="comma-separated layer tensors, highest first (default: the model's)")
     parser.add_argument("--target", type=int, help="class index to explain (default: the top-1 class)")
-    parser.add_argument("--top-k", type=int, default=5, help="children per node (default 5)")
-    parser.add_argument("--depth", type=int, default=3, help="tree depth in layers (default 3)")
-    parser.add_argument("--min-share", type=float, default=0.0, help="drop children below this share of their parent")
-    parser.add_argument("--score", choices=("net", "positive"), default="net", help="channel ranking (default net)")
+    parser.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help=f"children per node (default {DEFAULTS.top_k})")
+    parser.add_argument("--depth", type=int, default=DEFAULTS.depth, help=f"tree depth in layers (default {DEFAULTS.depth})")
+    parser.add_argument("--min-share", type=float, default=DEFAULTS.min_share, help="drop children below this share of their parent")
+    parser.add_argument("--score", choices=SCORE_MODES, default=DEFAULTS.score, help=f"channel ranking (default {DEFAULTS.score})")
     parser.add_argument("--json", dest="json_out", help="write the tree as JSON here")
     parser.add_argument("--html", dest="html_out", help="write a self-contained HTML report here")
     parser.add_argument("--png", dest="png_out", help="write a PNG figure of the top levels here")
 
 
 def parse_layers(text: str | None) -> list[str] | None:
-    return [name for name in text.split(",") if name] if text else None
+    return [name for name in text.split(",") if name] or None if text else None
+
+
+def explain_options(args: argparse.Namespace) -> ExplainOptions:
+    """The ExplainOptions that ``add_explain_options``' flags ask for."""
+    layers = parse_layers(args.layers)
+    return ExplainOptions(layers=tuple(layers) if layers else None, target=args.target, top_k=args.top_k,
+                          depth=args.depth, min_share=args.min_share, score=args.score)
 
 
 def print_summary(explanation, elapsed: float, source: str = "") -> None:

@@ -12,10 +12,10 @@ import numpy as np
 
 from ..errors import invalid
 from ..explainer import Explainer
-from ..explanation import Node
+from ..explanation import Explanation, Node
 from ..preprocess import Preprocessing, decode_image, load_preprocessing, preprocess
 from ..repository import BUNDLED_REPOSITORY, ModelConfig
-from .common import add_explain_options, add_input_shape, input_shapes, parse_layers, print_summary, write_outputs
+from .common import add_explain_options, add_input_shape, explain_options, input_shapes, print_summary, write_outputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,23 +88,25 @@ def load_input(args: argparse.Namespace, config: ModelConfig | None) -> tuple[np
     return preprocess(decode_image(path, field_name="input"), preprocessing_from_args(args, config))
 
 
-def load_labels(args: argparse.Namespace, config: ModelConfig | None) -> list[str] | None:
+def load_labels(args: argparse.Namespace, config: ModelConfig | None) -> tuple[str, ...]:
     if args.labels:
         try:
-            return [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+            return tuple(line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip())
         except OSError as exc:
             raise invalid("--labels", f"cannot read {args.labels}: {exc}") from exc
-    return list(config.labels) if config and config.labels else None
+    return config.labels if config else ()
 
 
 def build_explainer(args: argparse.Namespace, path: Path, config: ModelConfig | None, tensor: np.ndarray) -> Explainer:
-    probe = Explainer(path, output=args.output or (config.output if config else None))
+    """The model at the input's shape (or --input-shape), with the config's labels and default layers."""
+    output = args.output or (config.output if config else None)
+    probe = Explainer(path, output=output)
     shapes = input_shapes(args, [s.name for s in probe.inputs]) or {probe.inputs[0].name: tuple(tensor.shape)}
-    return Explainer(path, output=args.output or (config.output if config else None), input_shapes=shapes,
-                     name=config.name if config else path.stem)
+    return Explainer(path, output=output, input_shapes=shapes, name=config.name if config else path.stem,
+                     labels=load_labels(args, config), layers=config.layers if config else None)
 
 
-def progress(level: int, nodes: list[Node]) -> None:
+def progress(level: int, nodes: list[Node], tree: Explanation) -> None:
     print(f"  level {level}: {len(nodes)} node(s)", file=sys.stderr, flush=True)
 
 
@@ -112,15 +114,10 @@ def run(args: argparse.Namespace) -> int:
     path, config = resolve_model(args)
     tensor, picture = load_input(args, config)
     explainer = build_explainer(args, path, config, tensor)
-    layers = parse_layers(args.layers) or (list(config.layers) if config and config.layers else None)
-    print(f"explaining {path} with depth {args.depth}, top_k {args.top_k}", file=sys.stderr)
+    options = replace(explain_options(args), max_batch_bytes=args.max_batch_mb * 2**20 if args.max_batch_mb else None)
+    print(f"explaining {path} with depth {options.depth}, top_k {options.top_k}", file=sys.stderr)
     started = time.perf_counter()
-    explanation = explainer.explain(
-        tensor, layers=layers, target=args.target, top_k=args.top_k, depth=args.depth, min_share=args.min_share,
-        score=args.score, max_batch_bytes=args.max_batch_mb * 2**20 if args.max_batch_mb else None, labels=load_labels(args, config),
-        picture=picture, on_level=progress,
-    )
-    elapsed = time.perf_counter() - started
-    print_summary(explanation, elapsed)
+    explanation = explainer.explain(tensor, options, picture=picture, on_level=progress)
+    print_summary(explanation, time.perf_counter() - started)
     write_outputs(explanation, args)
     return 0

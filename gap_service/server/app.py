@@ -23,12 +23,13 @@ from grpc_reflection.v1alpha import reflection
 
 from ..repository import BUNDLED_REPOSITORY
 from ..runtime import CUDA, RuntimeConfig, available_providers
-from . import pb
+from ..wire import pb
 from .errors import RpcGuard, lenient_deserializer
 from .health import Health
 from .limits import ServerLimits
 from .metrics import Metrics
-from .servicer import GapServicer, ModelStore
+from .servicer import GapServicer
+from .store import ModelStore
 
 log = logging.getLogger("gap_service.server")
 
@@ -136,7 +137,7 @@ class GapServer:
     def start(self) -> int:
         """Scan the repository, bind and start answering (health NOT_SERVING until ``load``)."""
         config = self.config
-        self.store = ModelStore(config.repository, config.runtime, config.models or None)
+        self.store = ModelStore(config.repository, config.runtime, config.models or None, config.limits.max_image_pixels)
         self.store.prepare_all()  # compile only (fast): the layer shapes size the messages
         limits = config.limits
         workers = (limits.max_concurrent + limits.max_queue + limits.max_concurrent_predict

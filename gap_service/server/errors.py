@@ -8,6 +8,7 @@ maps every raised exception through ``status_for``, and records metrics and one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from google.protobuf import message as protobuf_message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..errors import CancelledError, GapError
+from ..errors import CancelledError, FieldViolation, GapError
 
 log = logging.getLogger("gap_service.server")
 
@@ -76,18 +77,18 @@ def status_for(exc: BaseException, context: grpc.ServicerContext | None = None) 
     return code, status
 
 
-def bad_request(status: grpc.Call | grpc.RpcError) -> list[tuple[str, str]]:
-    """Field violations of an error status (client side helper): [(field, description)]."""
-    decoded = rpc_status.from_call(status)  # type: ignore[arg-type]
-    if decoded is None:
-        return []
-    found = []
-    for detail in decoded.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            found.extend((v.field, v.description) for v in request.field_violations)
-    return found
+@contextlib.contextmanager
+def embedded(prefix: str, own: tuple[str, ...] = ()) -> Iterator[None]:
+    """Field violations raised inside name the fields of an embedded message (``prefix.field``),
+    except the enclosing message's ``own`` fields."""
+    try:
+        yield
+    except GapError as exc:
+        if not exc.violations:
+            raise
+        violations = tuple(v if v.field.startswith(own) else FieldViolation(f"{prefix}.{v.field}", v.description)
+                           for v in exc.violations)
+        raise type(exc)("; ".join(f"{v.field}: {v.description}" for v in violations), violations) from exc
 
 
 assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -103,7 +104,6 @@ class CallRecord:
     nodes: int = 0
     code: str = ""
     started: float = field(default_factory=time.perf_counter)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Lifecycle(Protocol):

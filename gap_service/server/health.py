@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health, health_pb2
 
-from . import pb
+from ..wire import pb
 
 SERVICES = ("", pb.SERVICE_NAME)
 

@@ -38,7 +38,7 @@ class Metrics:
         self.latency.labels(record.rpc).observe(seconds)
         log.info("request", extra={"fields": {
             "rpc": record.rpc, "model": record.model, "code": record.code, "nodes": record.nodes,
-            "duration_ms": round(seconds * 1000, 3), **record.extra,
+            "duration_ms": round(seconds * 1000, 3),
         }})
 
     def pool_changed(self, pool: str):

@@ -173,12 +173,18 @@ class GapClient {
   /** request: {model, input, options: {layers, target, top_k, depth, min_share, score}, output: {...}} */
   explain(request, deadlineMs) { return this._unary(this.stub, 'Explain', request, deadlineMs); }
 
-  /** request: ExplainRequest fields plus path: [channels from the root]. */
-  expand(request, deadlineMs) { return this._unary(this.stub, 'Expand', request, deadlineMs); }
+  /**
+   * The subtree below one node. request: the ExplainRequest that produced the tree (its
+   * options.top_k and options.depth apply to the subtree); path: channels from the root to the node.
+   */
+  expand(request, path, deadlineMs) { return this._unary(this.stub, 'Expand', { request, path }, deadlineMs); }
 
-  /** The raw server stream (a Readable of ExplainStreamResponse; call.cancel() stops the server). */
+  /**
+   * The raw server stream (a Readable of ExplainStreamResponse; call.cancel() stops the server).
+   * request: an ExplainRequest, as for explain().
+   */
   explainStreamCall(request, deadlineMs) {
-    return this.stub.ExplainStream(request, { deadline: this._deadline(deadlineMs) });
+    return this.stub.ExplainStream({ request }, { deadline: this._deadline(deadlineMs) });
   }
 
   /**

@@ -108,7 +108,7 @@ async function main() {
   out.expand = [];
   for (const id of [0, tree.nodes[0].children[1], tree.nodes[tree.nodes[0].children[0]].children[0]]) {
     const node = tree.nodes[id];
-    const expanded = await client.expand({ ...request, options: { depth: 3 - node.level, top_k: 3 }, path: node.path });
+    const expanded = await client.expand({ ...request, options: { depth: 3 - node.level, top_k: 3 } }, node.path);
     const byPath = new Map(tree.nodes.map((n) => [n.path.join('/'), n]));
     for (const sub of expanded.explanation.nodes) {
       const full = byPath.get(sub.path.join('/'));

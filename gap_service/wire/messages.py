@@ -1,0 +1,221 @@
+"""gap.v1 messages <-> the library's types, both ways (the server reads what the clients write).
+
+Pure functions: no gRPC, no model. Values are not validated here beyond what the wire format
+itself requires (a oneof set, a known enum, a well-formed tensor); the library validates them
+once, with the same field paths (``options.top_k``, ``input.tensor.shape``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..colors import heatmap_png
+from ..errors import invalid
+from ..explainer import ModelDescription
+from ..explanation import Explanation, Node
+from ..inputs import EncodedImage, Inputs
+from ..options import ExplainOptions
+from ..prediction import DEFAULT_TOP_CLASSES, ClassScore, Prediction
+from . import pb
+from .tensors import dtype_code, dtype_name, from_tensor, to_tensor
+
+S = pb.service
+E = pb.explanation
+M = pb.model
+T = pb.tensor
+
+SCORE_MODES = {E.SCORE_MODE_UNSPECIFIED: "net", E.SCORE_MODE_NET: "net", E.SCORE_MODE_POSITIVE: "positive"}
+SCORE_ENUMS = {"net": E.SCORE_MODE_NET, "positive": E.SCORE_MODE_POSITIVE}
+_DEFAULTS = ExplainOptions()
+
+
+# -- requests -----------------------------------------------------------------------------------
+def options_from_proto(message: pb.explanation.ExplainOptions) -> ExplainOptions:
+    """Unset fields take ExplainOptions' defaults; an unknown ScoreMode is left for validation to name."""
+    return ExplainOptions(
+        layers=tuple(message.layers) or None,
+        target=message.target if message.HasField("target") else None,
+        top_k=message.top_k if message.HasField("top_k") else _DEFAULTS.top_k,
+        depth=message.depth if message.HasField("depth") else _DEFAULTS.depth,
+        min_share=float(message.min_share),
+        score=SCORE_MODES.get(message.score, f"ScoreMode {message.score}"),
+    )
+
+
+def options_to_proto(options: ExplainOptions) -> pb.explanation.ExplainOptions:
+    """The wire's part of the options (memory bounds and precision are the server's business)."""
+    message = E.ExplainOptions(layers=list(options.layers or ()), top_k=options.top_k, depth=options.depth,
+                               min_share=options.min_share, score=SCORE_ENUMS[options.score])
+    if options.target is not None:
+        message.target = options.target
+    return message
+
+
+def input_from_proto(message: pb.service.Input) -> Inputs:
+    source = message.WhichOneof("source")
+    if source is None:
+        raise invalid("input", "set either image (encoded PNG/JPEG) or tensor")
+    if source == "image":
+        return EncodedImage(message.image)
+    array = from_tensor(message.tensor, "input.tensor")
+    return {message.tensor.name: array} if message.tensor.name else array
+
+
+def input_to_proto(image: bytes | str | Path | None = None, tensor: np.ndarray | None = None,
+                   name: str = "") -> pb.service.Input:
+    """An Input from an encoded image (bytes or a file path) or a tensor: exactly one of them."""
+    if (image is None) == (tensor is None):
+        raise ValueError("pass exactly one of image (encoded bytes or a file path) or tensor (numpy array)")
+    if image is not None:
+        return S.Input(image=image if isinstance(image, bytes) else Path(image).read_bytes())
+    return S.Input(tensor=to_tensor(np.asarray(tensor), name=name))
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a response carries besides the tree (gap.v1.OutputOptions)."""
+
+    map_dtype: str = "float32"
+    heatmaps: bool = False
+    cams: bool = False
+    picture: bool = False
+    omit_maps: bool = False
+
+
+def output_from_proto(message: pb.explanation.OutputOptions) -> OutputOptions:
+    if message.map_dtype in (T.DATA_TYPE_UNSPECIFIED, T.DATA_TYPE_FLOAT32):
+        map_dtype = "float32"
+    elif message.map_dtype == T.DATA_TYPE_FLOAT16:
+        map_dtype = "float16"
+    else:
+        raise invalid("output.map_dtype", f"{dtype_name(message.map_dtype)}: maps are DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT16")
+    return OutputOptions(map_dtype, message.heatmaps, message.cams, message.picture, message.omit_maps)
+
+
+def output_to_proto(output: OutputOptions) -> pb.explanation.OutputOptions:
+    values = {f.name: getattr(output, f.name) for f in fields(output)}
+    values["map_dtype"] = dtype_code(np.dtype(output.map_dtype))
+    return E.OutputOptions(**values)
+
+
+# -- explanations -> messages ---------------------------------------------------------------------
+def node_proto(node: Node, path: list[int], output: OutputOptions, input_hw: tuple[int, int],
+               with_map: bool = True, with_children: bool = True) -> pb.explanation.Node:
+    message = E.Node(id=node.id, level=node.level, layer=node.layer, channel=node.channel, score=float(node.score),
+                     share=float(node.share), path=path, children=list(node.children) if with_children else [])
+    if node.parent is not None:
+        message.parent = node.parent
+    if with_map and not output.omit_maps:
+        message.map.CopyFrom(to_tensor(node.map, output.map_dtype))
+    if with_map and output.heatmaps:
+        message.heatmap_png = heatmap_png(node.map, input_hw)
+    return message
+
+
+def header_proto(explanation: Explanation, version: int, output: OutputOptions) -> pb.explanation.Explanation:
+    """The explanation without its nodes and CAMs."""
+    message = E.Explanation(
+        model=explanation.model, version=version, target=explanation.target, label=explanation.label or "",
+        logit=float(explanation.logit), layers=list(explanation.layers),
+        score=SCORE_ENUMS.get(explanation.score_mode, E.SCORE_MODE_UNSPECIFIED),
+        input_height=int(explanation.input_hw[0]), input_width=int(explanation.input_hw[1]),
+    )
+    if explanation.probability is not None:
+        message.probability = float(explanation.probability)
+    if output.picture and explanation.picture is not None:
+        message.picture.CopyFrom(to_tensor(np.asarray(explanation.picture, dtype=np.uint8)))
+    return message
+
+
+def cams_protos(explanation: Explanation, output: OutputOptions) -> dict[str, pb.tensor.Tensor]:
+    if not output.cams:
+        return {}
+    return {name: to_tensor(values, output.map_dtype) for name, values in explanation.cams.items()}
+
+
+def explanation_proto(explanation: Explanation, version: int, output: OutputOptions) -> pb.explanation.Explanation:
+    message = header_proto(explanation, version, output)
+    paths = explanation.paths()
+    message.nodes.extend(node_proto(n, paths[n.id], output, explanation.input_hw) for n in explanation.nodes)
+    for name, tensor in cams_protos(explanation, output).items():
+        message.cams[name].CopyFrom(tensor)
+    return message
+
+
+def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:
+    return S.PredictResponse(
+        logits=to_tensor(prediction.logits),
+        classes=[S.ClassScore(index=c.index, label=c.label, logit=c.logit, probability=c.probability)
+                 for c in prediction.classes],
+        engine_seconds=prediction.engine_seconds,
+    )
+
+
+def top_k_from_proto(message: pb.service.PredictRequest) -> int:
+    return message.top_k if message.HasField("top_k") else DEFAULT_TOP_CLASSES
+
+
+# -- messages -> explanations (client side) -------------------------------------------------------
+def explanation_from_proto(message: pb.explanation.Explanation,
+                           cams: Iterable[tuple[str, pb.tensor.Tensor]] = ()) -> Explanation:
+    """Rebuild an ``Explanation`` from its proto (maps as float32; missing maps as zeros)."""
+    nodes: list[Node] = []
+    for index, n in enumerate(message.nodes):
+        if n.id != index:
+            raise ValueError(f"node {index} has id {n.id}: ids must index the node list")
+        nodes.append(node_from_proto(n))
+    picture = from_tensor(message.picture, "picture") if message.HasField("picture") else None
+    all_cams = {name: from_tensor(t, f"cams[{name}]").astype(np.float32) for name, t in message.cams.items()}
+    all_cams.update({name: from_tensor(t, f"cams[{name}]").astype(np.float32) for name, t in cams})
+    return Explanation(
+        model=message.model, target=message.target, label=message.label or None, logit=message.logit,
+        probability=message.probability if message.HasField("probability") else None,
+        layers=list(message.layers), score_mode=SCORE_MODES.get(message.score, "net"), nodes=nodes,
+        input_hw=(message.input_height, message.input_width), picture=picture, cams=all_cams,
+        root_path=tuple(message.nodes[0].path) if message.nodes else (),
+    )
+
+
+def node_from_proto(n: pb.explanation.Node) -> Node:
+    values = from_tensor(n.map, f"nodes[{n.id}].map").astype(np.float32) if n.HasField("map") else np.zeros((0, 0), np.float32)
+    return Node(id=n.id, parent=n.parent if n.HasField("parent") else None, level=n.level, layer=n.layer,
+                channel=n.channel, score=n.score, share=n.share, map=values, children=list(n.children))
+
+
+def prediction_from_proto(message: pb.service.PredictResponse) -> Prediction:
+    return Prediction(from_tensor(message.logits, "logits"),
+                      [ClassScore(c.index, c.label, c.logit, c.probability) for c in message.classes],
+                      message.engine_seconds)
+
+
+# -- models -------------------------------------------------------------------------------------
+def summary_proto(description: ModelDescription, name: str, version: int, versions: Sequence[int],
+                  text: str) -> pb.model.ModelSummary:
+    return M.ModelSummary(name=name, version=version, versions=list(versions), description=text,
+                          num_classes=description.num_classes, providers=description.providers)
+
+
+def description_proto(description: ModelDescription, summary: pb.model.ModelSummary, limits: pb.model.Limits,
+                      load_seconds: float) -> pb.service.GetModelResponse:
+    default = set(description.default_layers)
+    pre = description.preprocessing
+    return S.GetModelResponse(
+        model=summary,
+        inputs=[M.InputInfo(name=spec.name, dtype=dtype_code(spec.dtype), shape=list(shape))
+                for spec, shape in description.inputs],
+        decision=M.DecisionInfo(logits=description.decision.logits, probabilities=description.decision.probabilities or "",
+                                num_classes=description.num_classes),
+        layers=[M.LayerInfo(name=info.name, shape=list(info.shape), channel_axis=info.channel_axis,
+                            map_shape=list(info.spatial_shape), op=info.op, default=info.name in default)
+                for info in description.layers],
+        labels=list(description.labels),
+        preprocessing=M.Preprocessing(
+            resize=pre.resize, size=list(pre.size), crop=list(pre.crop or ()), scale=pre.scale, mean=list(pre.mean),
+            std=list(pre.std), channel_order=pre.channel_order, layout=pre.layout) if pre else None,
+        limits=limits,
+        load_seconds=load_seconds,
+    )
