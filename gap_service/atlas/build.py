@@ -1,0 +1,298 @@
+"""Building an atlas: stream a reference set through the model, keep each channel's top patches.
+
+One forward session taps every atlas layer at once (``Explainer.forward``); the model takes
+batch 1, so a batch is ``batch`` such forwards whose results are merged into the running state
+together. Memory is bounded whatever the set size: per layer and channel the state is the
+``top`` best (activation, image, unit) triples plus four running sums; activations are dropped
+after each image. Each image competes once per channel, at its strongest unit, so a channel's
+patches come from ``top`` different images. Ties go to the earlier image: the result does not
+depend on batch size or on where a run was interrupted.
+
+The state is checkpointed every ``checkpoint_every`` images and on Ctrl-C, keyed by the model
+digest, the image names, the layers, ``top`` and the preprocessing: a rerun with the same key
+resumes, any other key starts afresh. Patches are cut at the end by reopening only the images
+that won (a bounded cache of pictures keeps small sets from being decoded twice).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import GapError, invalid
+from ..explainer import Explainer
+from ..graph.layers import LayerInfo
+from ..preprocess import Preprocessing, preprocess
+from .images import ImageSource
+from .receptive import Box, NotAnalysable, ReceptiveField, receptive_fields
+from .store import FORMAT, Atlas, sheet_names, write_index, write_sheet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "atlas.checkpoint.npz"
+PICTURE_CACHE = 256  # pictures kept while cutting patches: 224x224 RGB is 150 KB, so ~40 MB at most
+GREY = 128  # letterbox and empty cells
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a build stands: images ``done`` of ``total`` (skipped ones included)."""
+
+    done: int
+    total: int
+    skipped: int
+    resumed_from: int
+    elapsed: float
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class ImageSummary:
+    """One image's contribution to one layer: per-channel sums and its best unit."""
+
+    total: np.ndarray  # [C] float64 sum of activations
+    positive: np.ndarray  # [C] positions > 0
+    best: np.ndarray  # [C] float32 strongest activation
+    unit: np.ndarray  # [C] flat spatial index of it
+
+
+class RunningTop:
+    """Per channel: the ``top`` strongest images (at their best unit) and running statistics."""
+
+    ARRAYS = ("values", "images", "units", "total", "positive", "fired")
+
+    def __init__(self, channels: int, top: int, positions: int) -> None:
+        self.positions = positions
+        self.values = np.full((channels, top), -np.inf, np.float32)
+        self.images = np.full((channels, top), -1, np.int64)
+        self.units = np.zeros((channels, top), np.int64)
+        self.total = np.zeros(channels, np.float64)
+        self.positive = np.zeros(channels, np.int64)
+        self.fired = np.zeros(channels, np.int64)
+        self.count = 0
+
+    @staticmethod
+    def summarise(activation: np.ndarray, channel_axis: int) -> ImageSummary:
+        maps = np.moveaxis(activation[0], channel_axis - 1, 0).reshape(activation.shape[channel_axis], -1)
+        unit = maps.argmax(axis=1)
+        return ImageSummary(maps.sum(axis=1, dtype=np.float64), (maps > 0).sum(axis=1), maps[np.arange(len(maps)), unit], unit)
+
+    def merge(self, summaries: Sequence[ImageSummary], images: Sequence[int]) -> None:
+        """Fold a batch in, in image order (float sums then do not depend on batch boundaries)."""
+        if not summaries:
+            return
+        for s in summaries:
+            self.total += s.total
+            self.positive += s.positive
+            self.fired += s.best > 0
+        self.count += len(summaries)
+        top = self.values.shape[1]
+        values = np.concatenate([self.values, np.stack([s.best for s in summaries], axis=1)], axis=1)
+        ids = np.concatenate([self.images, np.broadcast_to(np.asarray(images, np.int64), (len(values), len(images)))], axis=1)
+        units = np.concatenate([self.units, np.stack([s.unit for s in summaries], axis=1)], axis=1)
+        order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -values), axis=1)[:, :top]
+        self.values, self.images, self.units = (np.take_along_axis(a, order, axis=1) for a in (values, ids, units))
+
+    def stats(self, channel: int) -> dict[str, float]:
+        count = max(self.count, 1)
+        return {"mean": _round(self.total[channel] / (count * self.positions)),
+                "fire_rate": _round(self.positive[channel] / (count * self.positions)),
+                "image_rate": _round(self.fired[channel] / count), "max": _round(self.values[channel, 0])}
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}{name}": getattr(self, name) for name in self.ARRAYS} | {f"{prefix}count": np.asarray(self.count)}
+
+    def restore(self, arrays: Any, prefix: str) -> None:
+        for name in self.ARRAYS:
+            setattr(self, name, arrays[f"{prefix}{name}"])
+        self.count = int(arrays[f"{prefix}count"])
+
+
+def _round(value: float) -> float:
+    return float(f"{float(value):.6g}")
+
+
+@dataclass
+class _State:
+    tops: list[RunningTop]
+    done: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def build_atlas(
+    explainer: Explainer,
+    images: Sequence[ImageSource],
+    preprocessing: Preprocessing,
+    out_dir: str | Path,
+    *,
+    digest: str,
+    layers: Sequence[str] | None = None,
+    top: int = 9,
+    batch: int = 16,
+    patch_size: int = 64,
+    rows_per_sheet: int = 128,
+    checkpoint_every: int = 256,
+    on_progress: ProgressCallback | None = None,
+) -> Atlas:
+    """Build (or resume) the atlas of ``layers`` (default: the explainer's) into ``out_dir``.
+
+    ``digest`` is the sha256 of the model file the explainer was made from (``file_digest``):
+    the atlas is tied to it. Unreadable images are skipped and listed in the index.
+    """
+    if top < 1 or batch < 1 or patch_size < 4 or rows_per_sheet < 1 or checkpoint_every < 1:
+        raise invalid("options", "top, batch, rows_per_sheet and checkpoint_every must be >= 1, patch_size >= 4")
+    compiled = explainer.compiled()
+    infos = [compiled.layer(name) for name in layers] if layers else explainer.layer_infos()
+    names = [info.name for info in infos]
+    image = explainer.inputs[0].name
+    fields = receptive_fields(compiled.nm, names, image)
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps(
+        {"format": FORMAT, "digest": digest, "images": [s.name for s in images], "layers": names, "top": top,
+         "preprocessing": preprocessing.to_dict()}, sort_keys=True).encode()).hexdigest()
+    state = _State([RunningTop(info.channels, top, math.prod(info.spatial_shape)) for info in infos])
+    resumed_from = state.done = _restore(directory / CHECKPOINT, key, state)
+    started, saved = time.perf_counter(), state.done
+    try:
+        for first in range(state.done, len(images), batch):
+            chunk = images[first : first + batch]
+            summaries: list[list[ImageSummary]] = [[] for _ in infos]
+            ids: list[int] = []
+            for offset, source in enumerate(chunk):
+                try:
+                    tensor, _ = preprocess(source.load(), preprocessing)
+                except GapError as exc:
+                    state.skipped.append({"name": source.name, "reason": exc.message})
+                    continue
+                _check_shape(tensor, compiled.nm.inputs[image])
+                activations = explainer.forward(tensor, names)
+                for i, info in enumerate(infos):
+                    summaries[i].append(RunningTop.summarise(activations[info.name], info.channel_axis))
+                ids.append(first + offset)
+            for running, batch_summaries in zip(state.tops, summaries):
+                running.merge(batch_summaries, ids)
+            state.done = first + len(chunk)
+            if state.done - saved >= checkpoint_every and state.done < len(images):
+                _save(directory / CHECKPOINT, key, state)
+                saved = state.done
+            if on_progress:
+                on_progress(Progress(state.done, len(images), len(state.skipped), resumed_from, time.perf_counter() - started))
+    except KeyboardInterrupt:
+        if state.done > saved:
+            _save(directory / CHECKPOINT, key, state)
+        raise
+    if state.tops[0].count == 0:
+        raise invalid("images", f"none of the {len(images)} images could be read: {state.skipped[:3]}")
+    atlas = _write(directory, explainer.name, digest, images, preprocessing, infos, fields, state, top, patch_size, rows_per_sheet)
+    (directory / CHECKPOINT).unlink(missing_ok=True)
+    return atlas
+
+
+def _check_shape(tensor: np.ndarray, expected: Sequence[int]) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise invalid("preprocessing", f"gives tensors of shape {list(tensor.shape)}, the model takes {list(expected)}")
+
+
+def _save(path: Path, key: str, state: _State) -> None:
+    """Atomically: a run killed while saving keeps the previous checkpoint."""
+    meta = json.dumps({"key": key, "done": state.done, "skipped": state.skipped})
+    arrays = {k: v for i, t in enumerate(state.tops) for k, v in t.arrays(f"{i}/").items()}
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        np.savez(handle, meta=np.asarray(meta), **arrays)
+    os.replace(temporary, path)
+
+
+def _restore(path: Path, key: str, state: _State) -> int:
+    """Images already done by an interrupted run with the same key (0 if none)."""
+    if not path.is_file():
+        return 0
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            meta = json.loads(str(arrays["meta"]))
+            if meta["key"] != key:
+                log.warning("ignoring the checkpoint %s: it belongs to another model, image set or settings", path)
+                return 0
+            for i, running in enumerate(state.tops):
+                running.restore(arrays, f"{i}/")
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("ignoring the unreadable checkpoint %s: %s", path, exc)
+        return 0
+    state.skipped = list(meta["skipped"])
+    log.info("resuming after %d of the images from %s", meta["done"], path)
+    return int(meta["done"])
+
+
+def cut_patch(picture: np.ndarray, box: Box, size: int) -> np.ndarray:
+    """The box's pixels letterboxed into a grey square, scaled to size x size.
+
+    Enlarged with nearest neighbours (an early layer's few pixels stay visible as they are),
+    reduced with a box filter.
+    """
+    top, left, bottom, right = box
+    crop = picture[top:bottom, left:right]
+    side = max(crop.shape[:2])
+    square = np.full((side, side, 3), GREY, np.uint8)
+    y, x = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[y : y + crop.shape[0], x : x + crop.shape[1]] = crop
+    resample = Image.Resampling.NEAREST if side <= size else Image.Resampling.BOX
+    return np.asarray(Image.fromarray(square).resize((size, size), resample))
+
+
+def _write(directory: Path, model_name: str, digest: str, images: Sequence[ImageSource], preprocessing: Preprocessing,
+           infos: Sequence[LayerInfo], fields: dict[str, ReceptiveField | NotAnalysable], state: _State, top: int,
+           patch_size: int, rows_per_sheet: int) -> Atlas:
+    """Cut every kept patch into the sprite sheets and commit the index."""
+    picture = functools.lru_cache(maxsize=PICTURE_CACHE)(lambda i: preprocess(images[i].load(), preprocessing)[1])
+    layers, all_sheets = [], []
+    for index, (info, running) in enumerate(zip(infos, state.tops)):
+        found = fields[info.name]
+        receptive = found if isinstance(found, ReceptiveField) else None
+        if receptive is None:
+            log.warning("layer %s: %s; its patches are whole pictures", info.name, found.reason)
+        sheets = sheet_names(index, info.name, -(-info.channels // rows_per_sheet))
+        channels = []
+        for page, sheet in enumerate(sheets):
+            rows = range(page * rows_per_sheet, min(info.channels, (page + 1) * rows_per_sheet))
+            cells = np.full((len(rows), top, patch_size, patch_size, 3), GREY, np.uint8)
+            patches = {}
+            for row, channel in enumerate(rows):
+                for k in np.argsort(running.images[channel], kind="stable"):  # by image: picture cache hits
+                    image_id = int(running.images[channel, k])
+                    if image_id < 0:
+                        continue
+                    pixels = picture(image_id)
+                    unit = tuple(int(u) for u in np.unravel_index(running.units[channel, k], info.spatial_shape))
+                    height, width = pixels.shape[:2]
+                    box = receptive.box(unit, height, width) if receptive else (0, 0, height, width)
+                    cells[row, k] = cut_patch(pixels, box, patch_size)
+                    patches[channel, int(k)] = {"image": images[image_id].name, "unit": list(unit), "box": list(box),
+                                                "activation": _round(running.values[channel, k])}
+                channels.append({"channel": channel, "sheet": page, "row": row, "stats": running.stats(channel),
+                                 "patches": [patches[channel, k] for k in range(top) if (channel, k) in patches]})
+            write_sheet(directory, sheet, cells)
+        all_sheets.extend(sheets)
+        layers.append({"name": info.name, "shape": list(info.shape), "channel_axis": info.channel_axis,
+                       "field": receptive.to_dict() if receptive else None,
+                       "field_note": None if receptive else found.reason,
+                       "sheets": list(sheets), "rows_per_sheet": rows_per_sheet, "channels": channels})
+    index = {"format": FORMAT, "model": {"name": model_name, "sha256": digest},
+             "preprocessing": preprocessing.to_dict(), "top": top, "patch_size": patch_size,
+             "images": {"count": state.tops[0].count, "skipped": state.skipped}, "layers": layers}
+    write_index(directory, index, all_sheets)
+    return Atlas(directory, index)
