@@ -41,7 +41,6 @@ def test_client_models_health_predict(server, tmp_path):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_client_explain_writes_the_report(server, tmp_path, stream):
-    pytest.importorskip("gap_service.report")
     array = tmp_path / "x.npy"
     np.save(array, sample_tensor())
     html, json_out = tmp_path / "r.html", tmp_path / "r.json"

@@ -33,12 +33,13 @@ STREAM_POLL_SECONDS = 0.1
 
 @dataclass(frozen=True)
 class ExplainCall:
-    """An Explain, ExplainStream or Expand request, decoded."""
+    """An Explain, ExplainStream or Expand request, decoded and checked, with its model."""
 
     model: LoadedModel
     inputs: Inputs
     options: ExplainOptions
     output: OutputOptions
+    record: CallRecord
     path: tuple[int, ...] = ()
 
 
@@ -74,39 +75,37 @@ class GapServicer:
 
     # -- prediction -----------------------------------------------------------------------------
     def Predict(self, request: S.PredictRequest, context: grpc.ServicerContext, record: CallRecord) -> S.PredictResponse:
-        model = self._model(request.model, request.version, record)
-        inputs = messages.input_from_proto(request.input)
+        query = messages.predict_from_proto(request)
+        model = self._model(query.model, query.version, record)
         with self._slot(self.predictions, context):
-            prediction = model.explainer.predict(inputs, messages.top_k_from_proto(request))
+            prediction = model.explainer.predict(query.inputs, query.top_k)
         self.metrics.engine.labels("Predict", model.name).observe(prediction.engine_seconds)
         return messages.prediction_proto(prediction)
 
     # -- explanations ---------------------------------------------------------------------------
     def Explain(self, request: S.ExplainRequest, context: grpc.ServicerContext, record: CallRecord) -> S.ExplainResponse:
-        call = self._explain_call(request, record)
+        call = self._explain_call(messages.explain_from_proto(request), record)
         with self._slot(self.explanations, context):
-            result = call.model.explainer.explain(call.inputs, call.options, on_level=self._counter(call, record),
+            result = call.model.explainer.explain(call.inputs, call.options, on_level=self._counter(call),
                                                   should_stop=lambda: not context.is_active())
         return S.ExplainResponse(explanation=self._observed("Explain", call, result), engine_seconds=result.engine_seconds)
 
     def Expand(self, request: S.ExpandRequest, context: grpc.ServicerContext, record: CallRecord) -> S.ExpandResponse:
         # Recomputed from scratch (stateless, any replica answers): only the path, then the node's subtree.
         with embedded("request", own=("path",)):
-            call = self._explain_call(request.request, record, tuple(request.path))
+            call = self._explain_call(messages.explain_from_proto(request.request), record, tuple(request.path))
             with self._slot(self.explanations, context):
                 result = call.model.explainer.expand(call.inputs, call.path, call.options, should_stop=lambda: not context.is_active(),
-                                                     on_level=self._counter(call, record))
+                                                     on_level=self._counter(call))
         return S.ExpandResponse(explanation=self._observed("Expand", call, result), engine_seconds=result.engine_seconds)
 
     def ExplainStream(self, request: S.ExplainStreamRequest, context: grpc.ServicerContext,
                       record: CallRecord) -> Iterator[S.ExplainStreamResponse]:
         with embedded("request"):
-            yield from self._explain_stream(request.request, context, record)
+            yield from self._explain_stream(self._explain_call(messages.explain_from_proto(request.request), record), context)
 
-    def _explain_stream(self, request: S.ExplainRequest, context: grpc.ServicerContext,
-                        record: CallRecord) -> Iterator[S.ExplainStreamResponse]:
+    def _explain_stream(self, call: ExplainCall, context: grpc.ServicerContext) -> Iterator[S.ExplainStreamResponse]:
         """Levels as the engine finishes them: the engine runs on a worker thread, this one sends."""
-        call = self._explain_call(request, record)
         self._admit(self.explanations, context)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -114,7 +113,7 @@ class GapServicer:
         def work() -> None:
             try:
                 result = call.model.explainer.explain(
-                    call.inputs, call.options, on_level=self._counter(call, record, then=lambda *event: events.put(event)),
+                    call.inputs, call.options, on_level=self._counter(call, then=lambda *event: events.put(event)),
                     should_stop=lambda: stop.is_set() or not context.is_active())
                 events.put((None, [], result))
             except BaseException as exc:  # noqa: BLE001 - handed to the RPC thread
@@ -173,10 +172,10 @@ class GapServicer:
         record.model = name
         return self.store.get(name, version)
 
-    def _explain_call(self, request: S.ExplainRequest, record: CallRecord, path: tuple[int, ...] = ()) -> ExplainCall:
-        """Decode and check the request before it queues for a slot (bad ones fail at once)."""
-        model = self._model(request.model, request.version, record)
-        options = messages.options_from_proto(request.options)
+    def _explain_call(self, query: messages.ExplainQuery, record: CallRecord, path: tuple[int, ...] = ()) -> ExplainCall:
+        """Check the request before it queues for a slot (bad ones fail at once)."""
+        model = self._model(query.model, query.version, record)
+        options = query.options
         tree = replace(options, root_path=path, depth=len(path) + options.depth)  # what the engine computes
         tree.validate()
         worst = tree.worst_case_nodes()
@@ -184,19 +183,18 @@ class GapServicer:
             raise ResourceLimitError(
                 f"top_k={options.top_k} over {tree.depth} levels may produce up to {worst} nodes; "
                 f"the limit is {self.limits.max_tree_nodes} nodes per request")
-        return ExplainCall(model, messages.input_from_proto(request.input), options,
-                           messages.output_from_proto(request.output), path)
+        return ExplainCall(model, query.inputs, options, query.output, record, path)
 
     def _observed(self, rpc: str, call: ExplainCall, result: Explanation) -> pb.explanation.Explanation:
         self.metrics.engine.labels(rpc, call.model.name).observe(result.engine_seconds)
         return messages.explanation_proto(result, call.model.entry.version, call.output)
 
-    def _counter(self, call: ExplainCall, record: CallRecord,
+    def _counter(self, call: ExplainCall,
                  then: Callable[[int, list[Node], Explanation], None] | None = None):
         counter = self.metrics.nodes.labels(call.model.name)
 
         def on_level(level: int, nodes: list[Node], tree: Explanation) -> None:
-            record.nodes += len(nodes)
+            call.record.nodes += len(nodes)
             counter.inc(len(nodes))
             if then is not None:
                 then(level, nodes, tree)

@@ -102,6 +102,22 @@ def output_to_proto(output: OutputOptions) -> pb.explanation.OutputOptions:
     return E.OutputOptions(**values)
 
 
+@dataclass(frozen=True)
+class ExplainQuery:
+    """An ExplainRequest, decoded (ExplainStream and Expand embed one)."""
+
+    model: str
+    version: int
+    inputs: Inputs
+    options: ExplainOptions
+    output: OutputOptions
+
+
+def explain_from_proto(message: pb.service.ExplainRequest) -> ExplainQuery:
+    return ExplainQuery(message.model, message.version, input_from_proto(message.input),
+                        options_from_proto(message.options), output_from_proto(message.output))
+
+
 # -- explanations -> messages ---------------------------------------------------------------------
 def node_proto(node: Node, path: list[int], output: OutputOptions, input_hw: tuple[int, int],
                with_map: bool = True, with_children: bool = True) -> pb.explanation.Node:
@@ -155,8 +171,19 @@ def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:
     )
 
 
-def top_k_from_proto(message: pb.service.PredictRequest) -> int:
-    return message.top_k if message.HasField("top_k") else DEFAULT_TOP_CLASSES
+@dataclass(frozen=True)
+class PredictQuery:
+    """A PredictRequest, decoded."""
+
+    model: str
+    version: int
+    inputs: Inputs
+    top_k: int
+
+
+def predict_from_proto(message: pb.service.PredictRequest) -> PredictQuery:
+    top_k = message.top_k if message.HasField("top_k") else DEFAULT_TOP_CLASSES
+    return PredictQuery(message.model, message.version, input_from_proto(message.input), top_k)
 
 
 # -- messages -> explanations (client side) -------------------------------------------------------
