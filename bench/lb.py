@@ -359,14 +359,12 @@ class LoadResult:
 def explain_request(model: str = "ppocr_cls", depth: int = 3, top_k: int = 5, seed: int = 0):
     import numpy as np
 
-    from gap_service.client import make_input, make_options, make_output
+    from gap_service.client import explain_request as request
     from gap_service.repository import load_repository
-    from gap_service.wire import pb
 
     shape = load_repository(MODELS)[model].config.input_shape
     tensor = np.random.RandomState(seed).randn(*shape).astype(np.float32)
-    return pb.service.ExplainRequest(model=model, input=make_input(tensor=tensor), options=make_options(depth=depth, top_k=top_k),
-                                     output=make_output())
+    return request(model, tensor=tensor, depth=depth, top_k=top_k)
 
 
 def reference_answer(address: str, request, timeout: float = 60.0) -> bytes:

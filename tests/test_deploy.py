@@ -176,10 +176,10 @@ OS_PLUMBING = (
     re.compile(r"useradd --system --uid 10001 --gid gap --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin gap"),
 )
 PROJECT_COMMANDS = {  # what the replay below runs, by image
-    "cpu": ["bash scripts/setup.sh cpu", ".venv/bin/python -m gap_service.server.protogen",
-            ".venv/bin/python -m gap_service.server.protogen --check"],
-    "gpu": ["bash scripts/setup.sh gpu", ".venv/bin/python -m gap_service.server.protogen",
-            ".venv/bin/python -m gap_service.server.protogen --check"],
+    "cpu": ["bash scripts/setup.sh cpu", ".venv/bin/python -m gap_service.wire.protogen",
+            ".venv/bin/python -m gap_service.wire.protogen --check"],
+    "gpu": ["bash scripts/setup.sh gpu", ".venv/bin/python -m gap_service.wire.protogen",
+            ".venv/bin/python -m gap_service.wire.protogen --check"],
 }
 
 
