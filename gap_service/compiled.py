@@ -1,8 +1,11 @@
 """A model specialised to one set of input shapes, with its onnxruntime sessions.
 
-Everything here is built once and reused: the normalised graph, its decision and layers, the
-forward "tap" session that returns every requested activation in one run, and one VJP session
-per (upper, lower) pair. Building is guarded by a lock; running sessions is thread-safe.
+The normalised model is imported into graph-surgeon once; every graph this module runs is cut
+from that one import (graph/cone.py). Everything is built on first use and reused: the decision
+and layers, the cone of each (upper, lower) pair (cheap: what a run reads, without building
+anything), and one session per graph that actually runs: the forward "tap" session returning
+every activation an explanation reads in one run, and per pair the VJP, level or segment graph
+that is asked for. Building is thread-safe (cache.py); running sessions is too.
 """
 
 from __future__ import annotations
@@ -10,20 +13,23 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import runtime
+from .cache import BuildOnce
 from .errors import InvalidInputError
-from .graph.gradient import SEED, VJP, VjpGraph, build_vjp_graph
-from .graph.layers import Decision, LayerInfo, candidate_layers, find_decision, layer_info
+from .graph.cone import Cone, find_cone
+from .graph.gradient import SEED, VJP, vjp_model
+from .graph.layers import Decision, LayerInfo, candidate_layers, channel_axes, find_decision, layer_info, require_layers
 from .graph.loader import NormalizedModel
-from .graph.segment import MASK, build_segment
-from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement,
-                     build_level_graph, build_selection_graph, placement_for, run_bound, to_float16)
-from .runtime import RuntimeConfig, make_session
+from .graph.segment import MASK, segment_model
+from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement, level_model,
+                     placement_for, run_bound, selection_session, to_float16)
+from .runtime import RuntimeConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,82 +37,74 @@ log = logging.getLogger(__name__)
 class CompiledModel:
     """Normalised graph + sessions for fixed input shapes."""
 
-    def __init__(self, nm: NormalizedModel, runtime: RuntimeConfig, output: str | None, explain_probability: bool) -> None:
+    def __init__(self, nm: NormalizedModel, runtime_config: RuntimeConfig, output: str | None, explain_probability: bool) -> None:
         self.nm = nm
-        self.runtime = runtime
-        self._graph = nm.graph()
+        self.runtime = runtime_config
+        self._graph = nm.graph()  # the one graph-surgeon import: read by every pass, never changed
         self._output = output
         self._explain_probability = explain_probability
-        self._lock = threading.Lock()
-        self._tap_outputs: frozenset[str] = frozenset()
-        self._tap_session: ort.InferenceSession | None = None
-        self._vjp: dict[tuple[str, str], tuple[VjpGraph, ort.InferenceSession]] = {}
-        self._segments: dict[tuple[str, str, bool], ort.InferenceSession] = {}
-        self._levels: dict[tuple[str, str, str], ort.InferenceSession] = {}
-        self._selections: dict[tuple[str, bool], ort.InferenceSession] = {}
-        self._layer_infos: dict[str, LayerInfo] = {}
+        self._cones: BuildOnce[tuple[str, str], Cone] = BuildOnce()
+        self._layer_infos: BuildOnce[str, LayerInfo] = BuildOnce()
+        self._sessions: BuildOnce[tuple[str, ...], ort.InferenceSession] = BuildOnce()
+        self._forward_lock = threading.Lock()
+        self._forward: tuple[frozenset[str], ort.InferenceSession] | None = None
 
+    # -- description --------------------------------------------------------------------------
     @functools.cached_property
     def decision(self) -> Decision:
         return find_decision(self._graph, self.nm, self._output, self._explain_probability)
 
     @functools.cached_property
-    def layers(self) -> list[LayerInfo]:
-        """Default decomposition layers (discovered on first use: plain VJPs do not need them)."""
-        layers = candidate_layers(self._graph, self.nm, self.decision)
-        self._layer_infos.update({info.name: info for info in layers})
-        # Tap every default layer and the decision at once, so the forward session (which holds
-        # all weights) is built once; an explicitly chosen extra tensor rebuilds it with the union.
-        self._tap_outputs = self._tap_outputs | {info.name for info in layers} | {self.decision.logits} | (
-            {self.decision.probabilities} if self.decision.probabilities else set()
-        )
-        return layers
+    def _channel_axes(self) -> dict[str, int]:
+        return channel_axes(self._graph, self.nm)
 
-    # -- description --------------------------------------------------------------------------
+    @functools.cached_property
+    def _default_layers(self) -> list[LayerInfo]:
+        return candidate_layers(self._graph, self.nm, self.decision, self._channel_axes)
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        """Default decomposition layers, highest first (an error for a model without feature maps)."""
+        return require_layers(self._default_layers, self.decision)
+
     def layer(self, name: str) -> LayerInfo:
-        info = self._layer_infos.get(name)
-        if info is None:
-            with self._lock:
-                info = self._layer_infos[name] = layer_info(self._graph, self.nm, name)
-        return info
+        default = next((info for info in self._default_layers if info.name == name), None)
+        return default or self._layer_infos.get(name, lambda: layer_info(self._graph, self.nm, name, self._channel_axes))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.layer(name).shape if name not in self.nm.shapes else tuple(self.nm.shapes[name])
 
+    def cone(self, upper: str, lower: str) -> Cone:
+        """The forward cone of a pair: its nodes, side inputs and size (no graph is built)."""
+        return self._cones.get((upper, lower), lambda: find_cone(self._graph, self.nm, upper, lower))
+
+    def state_names(self, upper: str, lower: str) -> tuple[str, ...]:
+        """Forward tensors a VJP, level or segment run of the pair reads."""
+        return self.cone(upper, lower).state_names
+
+    def path_elements(self, upper: str, lower: str) -> int:
+        """Elements of all forward tensors on the path from ``lower`` to ``upper`` (a per-seed memory estimate)."""
+        return self.cone(upper, lower).path_elements
+
     @property
     def providers(self) -> list[str]:
-        session = self._tap_session
-        return session.get_providers() if session is not None else []
+        current = self._forward
+        return current[1].get_providers() if current is not None else []
 
     # -- running --------------------------------------------------------------------------------
     def forward(self, feeds: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
         """Activations of ``names`` for these inputs, all from one forward run."""
         wanted = list(dict.fromkeys(names))
         computed = [n for n in wanted if n not in feeds]
-        values = dict(zip(computed, self._session_for(computed).run(computed, dict(feeds)))) if computed else {}
+        values = dict(zip(computed, self._forward_session(computed).run(computed, dict(feeds)))) if computed else {}
         return {n: feeds[n] if n in feeds else values[n] for n in wanted}
-
-    def vjp_graph(self, upper: str, lower: str) -> tuple[VjpGraph, ort.InferenceSession]:
-        key = (upper, lower)
-        cached = self._vjp.get(key)
-        if cached is None:
-            with self._lock:
-                cached = self._vjp.get(key)
-                if cached is None:
-                    graph = build_vjp_graph(self.nm, upper, lower)
-                    session = make_session(graph.model, self.runtime, f"gradient graph {lower} <- {upper}")
-                    cached = self._vjp[key] = (graph, session)
-        return cached
-
-    def path_elements(self, upper: str, lower: str) -> int:
-        """Elements of all forward tensors on the path from ``lower`` to ``upper`` (a per-seed memory estimate)."""
-        graph, _ = self.vjp_graph(upper, lower)
-        return graph.path_elements
 
     def run_vjp(self, upper: str, lower: str, state: Mapping[str, np.ndarray], seeds: np.ndarray) -> np.ndarray:
         """VJPs for a seed batch [P, *shape(upper)] given forward ``state`` (lower + side inputs)."""
-        graph, session = self.vjp_graph(upper, lower)
-        feeds = {name: state[name] for name in (graph.lower, *graph.side_inputs)}
+        cone = self.cone(upper, lower)
+        session = self._session(("vjp", upper, lower), lambda: vjp_model(self.nm, cone),
+                                f"gradient graph {lower} <- {upper}")
+        feeds = {name: state[name] for name in cone.state_names}
         feeds[SEED] = np.ascontiguousarray(seeds, dtype=np.float32)
         return session.run([VJP], feeds)[0]
 
@@ -114,17 +112,14 @@ class CompiledModel:
         self, upper: str, lower: str, state: Mapping[str, np.ndarray], mask: np.ndarray | None = None
     ) -> np.ndarray:
         """``upper`` recomputed from ``lower`` (and side inputs) in ``state``; ``mask`` scales channels."""
-        key = (upper, lower, mask is not None)
-        session = self._segments.get(key)
-        if session is None:
-            with self._lock:
-                session = self._segments.get(key)
-                if session is None:
-                    axis = self.layer(lower).channel_axis if mask is not None else None
-                    model = build_segment(self.nm, upper, lower, axis)
-                    session = self._segments[key] = make_session(model, self.runtime, f"segment {lower} -> {upper}")
-        graph, _ = self.vjp_graph(upper, lower)
-        feeds = {name: state[name] for name in (lower, *graph.side_inputs)}
+        cone = self.cone(upper, lower)
+        masked = mask is not None
+        session = self._session(
+            ("segment", upper, lower, "masked" if masked else "plain"),
+            lambda: segment_model(self.nm, cone, self.layer(lower).channel_axis if masked else None),
+            f"segment {lower} -> {upper}",
+        )
+        feeds = {name: state[name] for name in cone.state_names}
         if mask is not None:
             feeds[MASK] = np.asarray(mask, dtype=np.float32)
         return session.run([upper], feeds)[0]
@@ -133,23 +128,28 @@ class CompiledModel:
     @property
     def placement(self) -> Placement:
         """Where this model's OrtValues live: the first provider of the forward session."""
-        return placement_for(self._session_for([]))
+        return placement_for(self._forward_session(()))
 
     def forward_device(self, feeds: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, ort.OrtValue]:
         """Like ``forward``, but the activations stay on the execution device."""
         wanted = list(dict.fromkeys(names))
-        placement = self.placement
         computed = [n for n in wanted if n not in feeds]
-        session = self._session_for(computed)
+        session = self._forward_session(computed)
+        placement = placement_for(session)
         values = dict(zip(computed, run_bound(session, placement, dict(feeds), computed))) if computed else {}
         return {n: placement.to_device(feeds[n]) if n in feeds else values[n] for n in wanted}
 
     def run_level(self, upper: str, lower: str, state: Mapping[str, ort.OrtValue], seeds: ort.OrtValue,
                   precision: str = "float32") -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
         """(G, net scores [P, C], positive scores [P, C]) for device seeds [P, *shape(upper)]."""
-        session = self._level_session(upper, lower, precision)
-        graph, _ = self.vjp_graph(upper, lower)
-        inputs: dict[str, ort.OrtValue | np.ndarray] = {name: state[name] for name in (graph.lower, *graph.side_inputs)}
+        cone = self.cone(upper, lower)
+
+        def build() -> onnx.ModelProto:
+            model = level_model(self.nm, cone, self.layer(lower).channel_axis)
+            return to_float16(model) if precision == "float16" else model
+
+        session = self._session(("level", upper, lower, precision), build, f"{precision} level graph {lower} <- {upper}")
+        inputs: dict[str, ort.OrtValue | np.ndarray] = {name: state[name] for name in cone.state_names}
         inputs[SEED] = seeds
         grad, net, positive = run_bound(session, self.placement, inputs, [VJP, SCORES_NET, SCORES_POSITIVE])
         return grad, net, positive
@@ -157,48 +157,44 @@ class CompiledModel:
     def select(self, lower: str, grad: ort.OrtValue, activation: ort.OrtValue, rows: np.ndarray,
                channels: np.ndarray, with_seeds: bool = True) -> tuple[ort.OrtValue, ort.OrtValue | None]:
         """(maps [n, *spatial], child seeds [n, *shape(lower)] or None) of the chosen (row, channel) pairs."""
-        key = (lower, with_seeds)
-        session = self._selections.get(key)
-        if session is None:
-            with self._lock:
-                session = self._selections.get(key)
-                if session is None:
-                    info = self.layer(lower)
-                    model = build_selection_graph(info.shape, info.channel_axis, with_seeds)
-                    session = self._selections[key] = make_session(model, self.runtime, f"selection graph of {lower}")
+        info = self.layer(lower)
+        session = selection_session(len(info.shape), info.channel_axis, with_seeds, self.runtime)
         inputs = {VJP: grad, "gap_activation": activation, ROWS: rows.astype(np.int64), CHANNELS: channels.astype(np.int64)}
         outputs = run_bound(session, self.placement, inputs, [MAPS, CHILD_SEEDS] if with_seeds else [MAPS])
         return outputs[0], (outputs[1] if with_seeds else None)
 
-    def _level_session(self, upper: str, lower: str, precision: str) -> ort.InferenceSession:
-        key = (upper, lower, precision)
-        session = self._levels.get(key)
-        if session is None:
-            graph, _ = self.vjp_graph(upper, lower)
-            with self._lock:
-                session = self._levels.get(key)
-                if session is None:
-                    model = build_level_graph(graph, self.layer(lower).channel_axis)
-                    if precision == "float16":
-                        model = to_float16(model)
-                    session = self._levels[key] = make_session(model, self.runtime, f"{precision} level graph {lower} <- {upper}")
-        return session
+    # -- sessions ---------------------------------------------------------------------------------
+    def _session(self, key: tuple[str, ...], model: Callable[[], onnx.ModelProto], what: str) -> ort.InferenceSession:
+        """The session of one graph, built (graph and session) on its first run only."""
+        return self._sessions.get(key, lambda: runtime.make_session(model(), self.runtime, what))
 
-    def state_names(self, upper: str, lower: str) -> tuple[str, ...]:
-        """Forward tensors a VJP run needs."""
-        graph, _ = self.vjp_graph(upper, lower)
-        return (graph.lower, *graph.side_inputs)
+    @functools.cached_property
+    def _default_taps(self) -> frozenset[str]:
+        """What explanations along the default chain read: the decision, the default layers and
+        the side inputs of each pair, so the first forward session already serves them."""
+        decision = self.decision
+        chain = [decision.logits, *(info.name for info in self._default_layers)]
+        names = {decision.logits, *chain, *([decision.probabilities] if decision.probabilities else [])}
+        for upper, lower in zip(chain[:-1], chain[1:]):
+            names.update(self.state_names(upper, lower))
+        return frozenset(names - set(self.nm.inputs))
 
-    def _session_for(self, names: Sequence[str]) -> ort.InferenceSession:
-        if not set(names) <= self._tap_outputs or self._tap_session is None:
-            with self._lock:
-                if not set(names) <= self._tap_outputs or self._tap_session is None:
-                    log.info("building the forward session of %s with %d taps", self.nm.model.graph.name, len(self._tap_outputs | set(names)))
-                    outputs = self._tap_outputs | set(names)
-                    self._tap_session = make_session(self._tap_model(outputs), self.runtime, "forward model")
-                    self._tap_outputs = frozenset(outputs)
-        assert self._tap_session is not None
-        return self._tap_session
+    def _forward_session(self, names: Iterable[str]) -> ort.InferenceSession:
+        """The forward session. It taps the default taps and whatever its first caller asked for;
+        a later request for a tensor outside its taps (an explicitly chosen one) rebuilds it with
+        the union, since every tap session holds all the weights. This is the one cached value
+        that grows, hence its own lock rather than ``BuildOnce``."""
+        wanted = set(names)
+        current = self._forward
+        if current is not None and wanted <= current[0]:
+            return current[1]
+        with self._forward_lock:
+            current = self._forward
+            if current is None or not wanted <= current[0]:
+                taps = frozenset(wanted | self._default_taps | (current[0] if current else frozenset()))
+                log.info("building the forward session of %s with %d taps", self.nm.model.graph.name, len(taps))
+                current = self._forward = (taps, runtime.make_session(self._tap_model(taps), self.runtime, "forward model"))
+        return current[1]
 
     def _tap_model(self, names: Iterable[str]) -> onnx.ModelProto:
         """The model with the given tensors as outputs (activation taps)."""

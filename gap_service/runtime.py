@@ -35,6 +35,13 @@ class RuntimeConfig:
     gpu_mem_limit_bytes: int = 0  # 0: no limit
     cuda_options: Mapping[str, str] = field(default_factory=dict)
 
+    def key(self) -> tuple:
+        """A hashable form (provider options are dicts): sessions built for equal keys are interchangeable."""
+        providers = None if self.providers is None else tuple(
+            spec if isinstance(spec, str) else (spec[0], tuple(sorted(spec[1].items()))) for spec in self.providers
+        )
+        return providers, self.threads, self.gpu_mem_limit_bytes, tuple(sorted(self.cuda_options.items()))
+
 
 def available_providers() -> list[str]:
     return list(ort.get_available_providers())
@@ -138,17 +145,3 @@ def run_probe(
         feeds[value.name] = np.zeros(input_shapes[value.name], dtype=dtype)
     fetched = session.run(list(names), feeds)
     return dict(zip(names, fetched))
-
-
-def run_single_node(op_type: str, attrs: Mapping[str, object], x: np.ndarray, domain: str = "") -> np.ndarray:
-    """Evaluate one op on one input with onnxruntime (used to measure an op's own conventions)."""
-    node = onnx.helper.make_node(op_type, ["x"], ["y"], domain=domain or None, **dict(attrs))
-    graph = onnx.helper.make_graph(
-        [node],
-        "probe",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-    )
-    model = portable(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)]))
-    session = make_session(model, RuntimeConfig(providers=(CPU,), threads=1), f"{op_type} probe")
-    return session.run(["y"], {"x": x})[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gap_service import Explainer
-from gap_service.graph.segment import build_segment
+from gap_service.graph.segment import segment_model
 from support.torch_oracle import TorchGraph
 
 TOLERANCE = 1e-4
@@ -37,7 +37,7 @@ def segment_oracle(explainer: Explainer, inputs: dict[str, np.ndarray], upper: s
     compiled = explainer.compiled({k: v.shape for k, v in inputs.items()})
     names = compiled.state_names(upper, lower)
     state = compiled.forward(inputs, names)
-    oracle = TorchGraph(build_segment(compiled.nm, upper, lower))
+    oracle = TorchGraph(segment_model(compiled.nm, compiled.cone(upper, lower)))
     return oracle, {name: state[name] for name in names}
 
 

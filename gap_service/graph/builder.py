@@ -8,7 +8,7 @@ axis ``a + 1``. Ops with batch-first kernels (Conv, pooling) fold P into the for
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ class GradBuilder:
         self,
         graph: gs.Graph,
         shapes: Mapping[str, tuple[int, ...]],
-        differentiable: set[str],
+        differentiable: Set[str],
         float_dtype: np.dtype = np.dtype(np.float32),
     ) -> None:
         self.graph = graph
@@ -115,11 +115,6 @@ class GradBuilder:
         if not forward_shape or forward_shape[0] != 1:
             raise RuleError(f"{what} needs a forward batch of 1, the tensor has shape {list(forward_shape)}")
         return self.op("Reshape", [grad, self.ints([-1, *forward_shape[1:]])])
-
-    @staticmethod
-    def grad_axis(axis: int, forward_rank: int) -> int:
-        """Forward axis -> the same axis in the gradient layout."""
-        return axis % forward_rank + 1
 
     def unbroadcast(self, grad: Tensor, input_shape: Sequence[int], output_shape: Sequence[int]) -> Tensor:
         """Sum a gradient over the axes along which ``input_shape`` was broadcast (numpy rules)."""

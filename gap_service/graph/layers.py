@@ -6,36 +6,29 @@ reshapes), the Softmax input is the logits; the probabilities can be chosen inst
 Layers: 4-D feature maps with a spatial extent, on a path to the decision. The default
 candidates form a chain down from the decision: each is the last (topologically) map feeding the
 one above it at a spatial resolution not used yet, i.e. a network's stage outputs. Tensors that
-only re-lay-out another one (Transpose, Reshape, Identity...) or pool it are skipped.
+only copy another one (Transpose, Reshape, Identity...) or pool it are skipped.
 Channel axes come from layout propagation: Conv/Pool/BN read and write NCHW; Transposes
 permute the axis; elementwise ops keep it. TensorFlow-style NHWC graphs (Transpose-wrapped
-convolutions) thus get channel axis 3.
+convolutions) thus get channel axis 3. Which op does what is stated once, in the op table's
+layout facts (rules/table.py); the op sets below are views of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import InvalidModelError, UnknownTensorError
 from .loader import NormalizedModel
-from .rules import NON_DIFFERENTIABLE
+from .rules import Layout, entry, ops_with
 
-NCHW_OPS = frozenset(
-    {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
-     "BatchNormalization", "LRN", "InstanceNormalization", "LpPool", "GlobalLpPool"}
-)
-LAYOUT_ONLY = frozenset({"Transpose", "Reshape", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten"})
-# Pooled maps copy their input channel by channel: a layer below one would explain it trivially.
-NOT_A_LAYER = LAYOUT_ONLY | {"MaxPool", "AveragePool", "LpPool"}
-PASS_THROUGH_AFTER_SOFTMAX = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"})
-ELEMENTWISE = frozenset(
-    {"Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-     "Softplus", "Add", "Sub", "Mul", "Div", "Sum", "Mean", "Max", "Min", "Pow", "Sqrt", "Neg", "Identity",
-     "Dropout", "Cast", "Erf", "Exp", "Abs", "Mish", "Gelu"}
-)
+NCHW_OPS = ops_with(Layout.NCHW)
+ELEMENTWISE = ops_with(Layout.ELEMENTWISE)
+# Copies and pooled maps repeat their input channel by channel: a layer below one would explain it trivially.
+NOT_A_LAYER = ops_with(Layout.COPY | Layout.POOLING)
+PASS_THROUGH_AFTER_SOFTMAX = ops_with(Layout.SAME_ORDER)
 
 
 @dataclass(frozen=True)
@@ -46,6 +39,7 @@ class LayerInfo:
     shape: tuple[int, ...]
     channel_axis: int
     op: str  # the op that produces it
+    reason: str = "chosen explicitly"  # why it is a layer (default layers: which map of the chain)
 
     @property
     def channels(self) -> int:
@@ -119,16 +113,16 @@ def _ancestors(graph: gs.Graph, name: str) -> set[str]:
     """Tensors with a differentiable path to ``name``."""
     seen = {name}
     for node in reversed(graph.nodes):
-        if node.op in NON_DIFFERENTIABLE:
+        if not entry(node.op).carries_gradient:
             continue
         if any(t.name in seen for t in node.outputs):
             seen.update(t.name for t in node.inputs if not isinstance(t, gs.Constant) and t.name)
     return seen
 
 
-def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision) -> list[LayerInfo]:
-    """Default layers, highest (nearest the decision) first, each feeding the one before."""
-    axes = channel_axes(graph, nm)
+def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision, axes: dict[str, int]) -> list[LayerInfo]:
+    """Default layers, highest (nearest the decision) first, each feeding the one before; empty
+    when no feature map feeds the decision. ``axes``: ``channel_axes`` of the graph."""
     inputs = set(nm.inputs)
     order = _topo_index(graph)
     maps: list[LayerInfo] = []
@@ -153,9 +147,14 @@ def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision) -
         if not options:
             break
         chosen = max(options, key=lambda m: order[m.name])
-        layers.append(chosen)
+        size = "x".join(str(d) for d in chosen.spatial_shape)
+        layers.append(replace(chosen, reason=f"the last {size} map feeding '{current}'"))
         used.add(chosen.spatial_shape)
         current = chosen.name
+    return layers
+
+
+def require_layers(layers: list[LayerInfo], decision: Decision) -> list[LayerInfo]:
     if not layers:
         raise InvalidModelError(
             f"no 4-D feature maps (batch 1, spatial size > 1) feed the decision tensor '{decision.logits}': "
@@ -168,13 +167,12 @@ def _topo_index(graph: gs.Graph) -> dict[str, int]:
     return {t.name: i for i, node in enumerate(graph.nodes) for t in node.outputs}
 
 
-def layer_info(graph: gs.Graph, nm: NormalizedModel, name: str) -> LayerInfo:
-    """Describe any tensor chosen explicitly as a layer."""
+def layer_info(graph: gs.Graph, nm: NormalizedModel, name: str, axes: dict[str, int]) -> LayerInfo:
+    """Describe any tensor chosen explicitly as a layer. ``axes``: ``channel_axes`` of the graph."""
     tensors = graph.tensors()
     if name not in tensors or name not in nm.shapes:
         raise UnknownTensorError(f"layer '{name}' is not a tensor of the model")
     shape = nm.shapes[name]
-    axes = channel_axes(graph, nm)
     producer = tensors[name].inputs[0].op if tensors[name].inputs else "Input"
     axis = axes.get(name, 1 if len(shape) >= 2 else 0)
     return LayerInfo(name, tuple(shape), axis, producer)

@@ -12,40 +12,32 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .gradient import find_cone
+from .cone import Cone, cut, export
 from .loader import NormalizedModel
 
 MASK = "gap_channel_mask"
 
 
-def build_segment(nm: NormalizedModel, upper: str, lower: str, channel_axis: int | None = None) -> onnx.ModelProto:
+def segment_model(nm: NormalizedModel, cone: Cone, channel_axis: int | None = None) -> onnx.ModelProto:
     """Model (lower[, mask], side inputs) -> upper. With ``channel_axis``, lower is scaled by
     ``mask`` of shape [C] along that axis first."""
-    graph = nm.graph()
-    cone = find_cone(graph, nm, upper, lower)
-    tensors = graph.tensors()
-    lower_t = tensors[lower]
-    for t in [lower_t, *cone.side_inputs]:
-        t.inputs.clear()
-        t.dtype = nm.dtypes[t.name]
-        t.shape = list(nm.shapes[t.name])
-    graph.nodes = list(cone.nodes)
-    inputs = [lower_t, *cone.side_inputs]
+    piece = cut(nm, cone)
+    sub = piece.graph
     if channel_axis is not None:
-        shape = nm.shapes[lower]
+        lower = piece[cone.lower]
+        shape = nm.shapes[cone.lower]
         mask = gs.Variable(MASK, dtype=np.float32, shape=[shape[channel_axis]])
         broadcast = [1] * len(shape)
         broadcast[channel_axis] = shape[channel_axis]
-        reshaped = graph.layer(op="Reshape", inputs=[mask, np.asarray(broadcast, dtype=np.int64)], outputs=["gap_mask_b"])[0]
-        masked = graph.layer(op="Mul", inputs=[lower_t, reshaped], outputs=["gap_masked"])[0]
-        for node in cone.nodes:
+        consumers = list(lower.outputs)
+        reshaped = sub.layer(op="Reshape", inputs=[mask, np.asarray(broadcast, dtype=np.int64)], outputs=["gap_mask_b"])[0]
+        masked = sub.layer(op="Mul", inputs=[lower, reshaped], outputs=["gap_masked"])[0]
+        for node in consumers:
             for index, t in enumerate(node.inputs):
-                if t is lower_t:
+                if t is lower:
                     node.inputs[index] = masked
-        inputs.append(mask)
-    graph.inputs = inputs
-    upper_t = tensors[upper]
-    upper_t.dtype, upper_t.shape = nm.dtypes[upper], list(nm.shapes[upper])
-    graph.outputs = [upper_t]
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    return gs.export_onnx(graph, do_type_check=False)
+        sub.inputs.append(mask)
+    upper = piece[cone.upper]
+    upper.dtype, upper.shape = nm.dtypes[cone.upper], list(nm.shapes[cone.upper])
+    sub.outputs = [upper]
+    return export(sub, nm.opset)

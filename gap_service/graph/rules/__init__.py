@@ -1,31 +1,29 @@
-"""The gradient rule table: op type -> rule, one module per op family.
-
-A rule is a pure function ``rule(builder, node, output_grads) -> input_grads``: given the
-gradients flowing into the node's outputs (None where nothing flows), it returns one
-gradient per node input (None for inputs that are constant or not differentiable).
+"""The op table: op type -> entry (gradient rule, differentiable inputs, layout facts), one module
+per op family, merged here. An op has one entry; a second one for the same op is refused.
+See table.py for what an entry states and the one signature every rule has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from . import activation, conv, elementwise, linear, nondifferentiable, normalization, pool, reduce, resize, shape, softmax
+from .table import Layout, OpEntry, Rule, input_grads
 
-import onnx_graphsurgeon as gs
+OPS: dict[str, OpEntry] = {}
+for _family in (activation, conv, elementwise, linear, nondifferentiable, normalization, pool, reduce, resize, shape, softmax):
+    _overlap = OPS.keys() & _family.OPS.keys()
+    assert not _overlap, f"op types with two entries: {_overlap}"
+    OPS.update(_family.OPS)
 
-from ..builder import GradBuilder
-from . import activation, conv, elementwise, linear, normalization, pool, reduce, resize, shape, softmax
+UNKNOWN = OpEntry(None, (0,))  # an op not in the table: no facts, no rule
 
-Rule = Callable[[GradBuilder, gs.Node, list[gs.Tensor | None]], list[gs.Tensor | None]]
 
-RULES: dict[str, Rule] = {}
-for _family in (activation, conv, elementwise, linear, normalization, pool, reduce, resize, shape, softmax):
-    _overlap = RULES.keys() & _family.RULES.keys()
-    assert not _overlap, f"op types with two rules: {_overlap}"
-    RULES.update(_family.RULES)
+def entry(op: str) -> OpEntry:
+    return OPS.get(op, UNKNOWN)
 
-# Ops whose outputs carry no gradient (integer results, shapes, comparisons).
-NON_DIFFERENTIABLE = frozenset(
-    {"Shape", "Size", "ArgMax", "ArgMin", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
-     "Not", "And", "Or", "Floor", "Ceil", "Round", "Sign", "NonZero", "ConstantOfShape", "Range", "TopK"}
-)
 
-__all__ = ["RULES", "NON_DIFFERENTIABLE", "Rule"]
+def ops_with(facts: Layout) -> frozenset[str]:
+    """The op types whose entry states any of ``facts``."""
+    return frozenset(op for op, e in OPS.items() if e.layout & facts)
+
+
+__all__ = ["OPS", "Layout", "OpEntry", "Rule", "entry", "input_grads", "ops_with"]

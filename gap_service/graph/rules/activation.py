@@ -8,19 +8,19 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
+from .table import Layout, OpEntry, no_rule, unary
 
 Derivative = Callable[[GradBuilder, gs.Node, Tensor, Tensor], Tensor]
 
 
-def pointwise(derivative: Derivative):
-    """Rule for y = f(x) given f'(x) as a graph expression of x and y."""
+def pointwise(derivative: Derivative) -> OpEntry:
+    """Entry for y = f(x) given f'(x) as a graph expression of x and y."""
 
     def rule(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
         x, y = node.inputs[0], node.outputs[0]
-        grad = b.mul(grads[0], derivative(b, node, x, y))
-        return [grad] + [None] * (len(node.inputs) - 1)
+        return [b.mul(grads[0], derivative(b, node, x, y))]
 
-    return rule
+    return unary(rule, Layout.ELEMENTWISE)
 
 
 def _attr(node: gs.Node, name: str, default: float) -> np.float32:
@@ -68,7 +68,7 @@ def _hard_swish(b: GradBuilder, node: gs.Node, x: Tensor, y: Tensor) -> Tensor:
     return b.where(b.op("Less", [x, np.float32(-3)]), np.float32(0), upper)
 
 
-RULES = {
+OPS = {
     "Relu": pointwise(lambda b, n, x, y: b.to_float(_positive(b, y))),
     "LeakyRelu": pointwise(lambda b, n, x, y: b.where(_positive(b, x), np.float32(1), _attr(n, "alpha", 0.01))),
     "PRelu": pointwise(_prelu_slope),
@@ -92,4 +92,6 @@ RULES = {
     "Abs": pointwise(lambda b, n, x, y: b.op("Sign", [x])),
     "Sqrt": pointwise(lambda b, n, x, y: b.op("Div", [np.float32(0.5), y])),
     "Neg": pointwise(lambda b, n, x, y: b.const(np.float32(-1))),
+    "Mish": no_rule(Layout.ELEMENTWISE),
+    "Gelu": no_rule(Layout.ELEMENTWISE),
 }

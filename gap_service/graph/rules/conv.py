@@ -17,15 +17,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
-from ._geometry import explicit_pads, transpose_padding
+from ._geometry import explicit_pads, transpose_padding, window_attrs
+from .table import Layout, unary
 
 
 def _geometry(b: GradBuilder, node: gs.Node, x: Tensor, y: Tensor, kernel: list[int]):
     in_sizes = list(b.shape(x)[2:])
     out_sizes = list(b.shape(y)[2:])
     spatial = len(in_sizes)
-    strides = list(node.attrs.get("strides", [1] * spatial))
-    dilations = list(node.attrs.get("dilations", [1] * spatial))
+    strides, dilations = window_attrs(node.attrs, spatial, kernel)
     begins, ends = explicit_pads(node.attrs, in_sizes, kernel, strides, dilations)
     return in_sizes, out_sizes, strides, dilations, begins, ends
 
@@ -80,7 +80,7 @@ def conv(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tens
     folded = b.fold_seeds(grads[0], b.shape(node.outputs[0]), "Conv")
     dx = conv_input_grad(b, folded, weight, weight_value, int(node.attrs.get("group", 1)),
                          in_sizes, out_sizes, strides, dilations, begins, ends)
-    return [b.as_grad(dx, b.shape(x)), None, None][: len(node.inputs)]
+    return [b.as_grad(dx, b.shape(x))]
 
 
 def conv_transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -89,8 +89,7 @@ def conv_transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) ->
         raise RuleError("ConvTranspose weights on the gradient path are not supported")
     spatial = len(b.shape(x)) - 2
     kernel = list(b.shape(weight)[2:])
-    strides = list(node.attrs.get("strides", [1] * spatial))
-    dilations = list(node.attrs.get("dilations", [1] * spatial))
+    strides, dilations = window_attrs(node.attrs, spatial, kernel)
     out_sizes = list(b.shape(node.outputs[0])[2:])
     in_sizes = list(b.shape(x)[2:])
     if "output_shape" in node.attrs or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
@@ -104,7 +103,7 @@ def conv_transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) ->
         [folded, weight],
         {"strides": strides, "dilations": dilations, "group": int(node.attrs.get("group", 1)), "pads": begins + ends},
     )
-    return [b.as_grad(dx, b.shape(x)), None, None][: len(node.inputs)]
+    return [b.as_grad(dx, b.shape(x))]
 
 
 def _transpose_pads_from_shapes(in_sizes, out_sizes, kernel, strides, dilations, node) -> tuple[list[int], list[int]]:
@@ -125,4 +124,4 @@ def _transpose_pads_from_shapes(in_sizes, out_sizes, kernel, strides, dilations,
     return begins, [max(e, 0) for e in ends]
 
 
-RULES = {"Conv": conv, "ConvTranspose": conv_transpose}
+OPS = {"Conv": unary(conv, Layout.NCHW), "ConvTranspose": unary(conv_transpose, Layout.NCHW)}

@@ -6,14 +6,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
+from .table import Layout, OpEntry, variadic
 
 
 def _back(b: GradBuilder, node: gs.Node, index: int, grad: Tensor) -> Tensor:
     return b.unbroadcast(grad, b.shape(node.inputs[index]), b.shape(node.outputs[0]))
 
 
-def _each_input(term):
-    """Rule from ``term(b, node, i, dy)``: the un-reduced gradient for input i."""
+def _each_input(term) -> OpEntry:
+    """Entry from ``term(b, node, i, dy)``: the un-reduced gradient for input i."""
 
     def rule(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
         return [
@@ -21,7 +22,7 @@ def _each_input(term):
             for i, t in enumerate(node.inputs)
         ]
 
-    return rule
+    return variadic(rule, Layout.ELEMENTWISE)
 
 
 def _sub(b: GradBuilder, node: gs.Node, i: int, dy: Tensor) -> Tensor:
@@ -57,7 +58,7 @@ def _min_max(b: GradBuilder, node: gs.Node, i: int, dy: Tensor) -> Tensor:
     return b.mul(dy, chosen)
 
 
-RULES = {
+OPS = {
     "Add": _each_input(lambda b, node, i, dy: dy),
     "Sum": _each_input(lambda b, node, i, dy: dy),
     "Sub": _each_input(_sub),

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
+from .table import inputs, variadic
 
 
 def _swap_last(b: GradBuilder, t: Tensor) -> Tensor:
@@ -37,17 +38,18 @@ def gemm(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tens
         raise RuleError("Gemm input B on the gradient path is not supported")
     alpha = np.float32(node.attrs.get("alpha", 1.0))
     beta = np.float32(node.attrs.get("beta", 1.0))
-    result: list[Tensor | None] = [None] * len(node.inputs)
+    grad_a = grad_c = None
     if b.needs_grad(a):
         weight_t = weight if int(node.attrs.get("transB", 0)) else _swap_last(b, weight)  # B'^T
         grad_a = b.op("MatMul", [grads[0], weight_t])
         if alpha != 1:
             grad_a = b.mul(grad_a, alpha)
-        result[0] = _swap_last_grad(b, grad_a, 2) if int(node.attrs.get("transA", 0)) else grad_a
+        if int(node.attrs.get("transA", 0)):
+            grad_a = _swap_last_grad(b, grad_a, 2)
     if len(node.inputs) > 2 and b.needs_grad(node.inputs[2]):
         scaled = grads[0] if beta == 1 else b.mul(grads[0], beta)
-        result[2] = b.unbroadcast(scaled, b.shape(node.inputs[2]), b.shape(node.outputs[0]))
-    return result
+        grad_c = b.unbroadcast(scaled, b.shape(node.inputs[2]), b.shape(node.outputs[0]))
+    return [grad_a, grad_c]
 
 
 def matmul(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -66,4 +68,4 @@ def matmul(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
     return result
 
 
-RULES = {"Gemm": gemm, "MatMul": matmul}
+OPS = {"Gemm": inputs((0, 2), gemm), "MatMul": variadic(matmul)}  # Gemm: A and C (B must be constant)

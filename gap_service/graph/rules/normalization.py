@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
+from .table import Layout, no_rule, unary
 
 
 def batch_norm(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -27,7 +28,7 @@ def batch_norm(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> lis
     gain = b.constant(scale, "BatchNormalization scale") / np.sqrt(b.constant(var, "BatchNormalization var") + epsilon)
     rank = len(b.shape(x))
     gain = gain.reshape([-1] + [1] * (rank - 2)).astype(np.float32)
-    return [b.mul(grads[0], gain)] + [None] * (len(node.inputs) - 1)
+    return [b.mul(grads[0], gain)]
 
 
 def _band(channels: int, size: int) -> np.ndarray:
@@ -56,4 +57,8 @@ def lrn(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tenso
     return [b.op("Sub", [direct, cross])]
 
 
-RULES = {"BatchNormalization": batch_norm, "LRN": lrn}
+OPS = {
+    "BatchNormalization": unary(batch_norm, Layout.NCHW),
+    "LRN": unary(lrn, Layout.NCHW),
+    "InstanceNormalization": no_rule(Layout.NCHW),
+}

@@ -1,14 +1,16 @@
 """Pooling rules.
 
 MaxPool routes each output gradient to the input position that won its window. The forward
-MaxPool in the gradient graph is given its optional Indices output, and the gradient is a
-scatter-add of dy at those indices (windows overlap, so positions can win several times).
+MaxPool in the gradient graph is given its optional Indices output (``with_argmax``, the entry's
+forward preparation), and the gradient is a scatter-add of dy at those indices (windows overlap,
+so positions can win several times).
 
 AveragePool is linear: y[o] = sum_{i in window(o)} x[i] / div(o). Its adjoint spreads dy[o]/div(o)
 over window(o): a depthwise transposed convolution with an all-ones kernel applied to
-dy * (1/div). 1/div(o) depends on pads, ceil_mode and count_include_pad; rather than re-deriving
-onnxruntime's rules, it is measured: pooling a ones image gives count(o)/div(o), where count(o)
-is the number of real (unpadded) inputs in the window.
+dy * (1/div). The window is a box, so div(o) is a product over the spatial axes of the taps
+counted along each (``counted_taps``): with count_include_pad=0 the taps on real inputs, with
+count_include_pad=1 also those on the pads, but never taps past the end pad, which ceil_mode
+windows can reach (the ONNX reference's rule; the tests check it against onnxruntime).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
-from ._geometry import explicit_pads, transpose_padding
+from ._geometry import explicit_pads, transpose_padding, window_attrs
+from .table import Layout, no_rule, unary
 
 
 def _window(b: GradBuilder, node: gs.Node, x: Tensor):
@@ -25,8 +28,7 @@ def _window(b: GradBuilder, node: gs.Node, x: Tensor):
     out_sizes = list(b.shape(node.outputs[0])[2:])
     spatial = len(in_sizes)
     kernel = list(node.attrs["kernel_shape"])
-    strides = list(node.attrs.get("strides", [1] * spatial))
-    dilations = list(node.attrs.get("dilations", [1] * spatial))
+    strides, dilations = window_attrs(node.attrs, spatial, kernel)
     begins, ends = explicit_pads(node.attrs, in_sizes, kernel, strides, dilations)
     return in_sizes, out_sizes, kernel, strides, dilations, begins, ends
 
@@ -43,14 +45,18 @@ def scatter_max_grad(b: GradBuilder, grad: Tensor, indices: Tensor, x_shape: tup
     return b.as_grad(scattered, x_shape)
 
 
-def max_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
+def with_argmax(node: gs.Node) -> None:
+    """Forward preparation: the gradient graph's MaxPool also returns its row-major argmax."""
     if len(node.outputs) == 2 and not node.outputs[1].name:
         node.outputs.pop()
     if len(node.outputs) < 2:
         node.outputs.append(gs.Variable(f"{node.outputs[0].name}__gap_argmax", dtype=np.int64))
     if int(node.attrs.get("storage_order", 0)) != 0:
         node.attrs["storage_order"] = 0  # row-major indices; the values are unaffected
-    return [scatter_max_grad(b, grads[0], node.outputs[1], b.shape(node.inputs[0]))]
+
+
+def max_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
+    return [scatter_max_grad(b, grads[0], node.outputs[1], b.shape(node.inputs[0]))]  # Indices: with_argmax
 
 
 def global_max_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -63,8 +69,9 @@ def global_max_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -
 def average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     x = node.inputs[0]
     in_sizes, out_sizes, kernel, strides, dilations, begins, ends = _window(b, node, x)
-    inverse_divisor = _inverse_divisor(node, in_sizes, kernel, strides, dilations, begins, out_sizes)
-    scaled = b.fold_seeds(b.mul(grads[0], inverse_divisor), b.shape(node.outputs[0]), "AveragePool")
+    include_pad = bool(int(node.attrs.get("count_include_pad", 0)))
+    inverse = inverse_divisor(in_sizes, out_sizes, kernel, strides, dilations, begins, ends, include_pad)
+    scaled = b.fold_seeds(b.mul(grads[0], inverse), b.shape(node.outputs[0]), "AveragePool")
     channels = b.shape(x)[1]
     ones = np.ones([channels, 1, *kernel], dtype=b.float_dtype)
     geometry = [transpose_padding(i, o, k, s, d, p) for i, o, k, s, d, p in zip(in_sizes, out_sizes, kernel, strides, dilations, begins)]
@@ -82,21 +89,27 @@ def average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> l
     return [b.as_grad(dx, b.shape(x))]
 
 
-def _inverse_divisor(node, in_sizes, kernel, strides, dilations, begins, out_sizes) -> np.ndarray:
-    """1/div(o) = pool(ones)(o) / count(o), measured with onnxruntime on a one-channel image."""
-    from ...runtime import run_single_node
+def counted_taps(in_size: int, out_size: int, kernel: int, stride: int, dilation: int, begin: int, end: int,
+                 include_pad: bool) -> np.ndarray:
+    """Per output position along one axis, the window taps AveragePool divides by.
 
-    attrs = {k: v for k, v in node.attrs.items()}
-    pooled = run_single_node("AveragePool", attrs, np.ones([1, 1, *in_sizes], dtype=np.float32), node.domain)
-    count = np.ones([1], dtype=np.float64)
-    for size, out, k, s, d, p in zip(in_sizes, out_sizes, kernel, strides, dilations, begins):
-        starts = np.arange(out)[:, None] * s - p + np.arange(k)[None, :] * d
-        axis_count = ((starts >= 0) & (starts < size)).sum(axis=1).astype(np.float64)
-        count = np.multiply.outer(count, axis_count)
-    count = count.reshape(out_sizes)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inverse = np.where(count > 0, pooled[0, 0] / count, 0.0)
-    return inverse.astype(np.float32)
+    Tap j of window o reads input position o*s - begin + j*d. Real inputs lie in [0, in_size),
+    pads extend that to [-begin, in_size + end); taps beyond (ceil_mode) are never counted.
+    """
+    taps = np.arange(out_size)[:, None] * stride - begin + np.arange(kernel)[None, :] * dilation
+    low = -begin if include_pad else 0
+    high = in_size + end if include_pad else in_size
+    return ((taps >= low) & (taps < high)).sum(axis=1)
+
+
+def inverse_divisor(in_sizes, out_sizes, kernel, strides, dilations, begins, ends, include_pad: bool) -> np.ndarray:
+    """1/div(o) over the output grid (0 where a window counts nothing: no input reaches it)."""
+    divisor = np.ones([1], dtype=np.float64)
+    for axis in zip(in_sizes, out_sizes, kernel, strides, dilations, begins, ends):
+        divisor = np.multiply.outer(divisor, counted_taps(*axis, include_pad))
+    divisor = divisor.reshape(out_sizes)
+    with np.errstate(divide="ignore"):
+        return np.where(divisor > 0, 1.0 / divisor, 0.0).astype(np.float32)
 
 
 def global_average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -106,10 +119,13 @@ def global_average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None
     return [spread]
 
 
-RULES = {
-    "MaxPool": max_pool,
-    "GlobalMaxPool": global_max_pool,
-    "AveragePool": average_pool,
-    "GlobalAveragePool": global_average_pool,
-}
+_POOLED = Layout.NCHW | Layout.POOLING
 
+OPS = {
+    "MaxPool": unary(max_pool, _POOLED, prepare=with_argmax),
+    "GlobalMaxPool": unary(global_max_pool, Layout.NCHW),
+    "AveragePool": unary(average_pool, _POOLED),
+    "GlobalAveragePool": unary(global_average_pool, Layout.NCHW),
+    "LpPool": no_rule(_POOLED),
+    "GlobalLpPool": no_rule(Layout.NCHW),
+}

@@ -7,6 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, Tensor
+from .table import unary
 
 
 def reduced_axes(b: GradBuilder, node: gs.Node) -> list[int]:
@@ -31,14 +32,14 @@ def _spread(b: GradBuilder, node: gs.Node, grad: Tensor, axes: list[int]) -> Ten
 
 def reduce_sum(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     axes = reduced_axes(b, node)
-    return [_spread(b, node, grads[0], axes)] + [None] * (len(node.inputs) - 1)
+    return [_spread(b, node, grads[0], axes)]
 
 
 def reduce_mean(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
     axes = reduced_axes(b, node)
     shape = b.shape(node.inputs[0])
     count = float(np.prod([shape[a] for a in axes])) if axes else 1.0
-    return [_spread(b, node, b.mul(grads[0], np.float32(1.0 / count)), axes)] + [None] * (len(node.inputs) - 1)
+    return [_spread(b, node, b.mul(grads[0], np.float32(1.0 / count)), axes)]
 
 
 def reduce_max(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -48,7 +49,7 @@ def reduce_max(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> lis
         y = b.op("Unsqueeze", [y, b.ints(axes)])
     winners = b.to_float(b.op("Equal", [x, y]))
     share = b.op("Div", [winners, b.reduce_sum(winners, axes)])
-    return [b.mul(_spread(b, node, grads[0], axes), share)] + [None] * (len(node.inputs) - 1)
+    return [b.mul(_spread(b, node, grads[0], axes), share)]
 
 
-RULES = {"ReduceSum": reduce_sum, "ReduceMean": reduce_mean, "ReduceMax": reduce_max}
+OPS = {"ReduceSum": unary(reduce_sum), "ReduceMean": unary(reduce_mean), "ReduceMax": unary(reduce_max)}

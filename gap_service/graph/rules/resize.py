@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
+from .table import unary
 
 
 def _decode(value, default: str) -> str:
@@ -110,7 +111,7 @@ def resize(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
             continue
         matrix = interpolation_matrix(in_shape[axis], out_shape[axis], scales[axis], mode, coordinate_mode, nearest_mode)
         grad = b.along_axis(grad, matrix.T, axis + 1, rank + 1)
-    return [grad] + [None] * (len(node.inputs) - 1)
+    return [grad]
 
 
-RULES = {"Resize": resize, "Upsample": resize}
+OPS = {"Resize": unary(resize), "Upsample": unary(resize)}

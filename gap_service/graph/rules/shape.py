@@ -13,14 +13,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
+from .table import Layout, unary, variadic
 
 
 def reshape_back(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
-    return [b.as_grad(grads[0], b.shape(node.inputs[0]))] + [None] * (len(node.inputs) - 1)
+    return [b.as_grad(grads[0], b.shape(node.inputs[0]))]
 
 
 def identity(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
-    return [grads[0]] + [None] * (len(node.inputs) - 1)
+    return [grads[0]]
 
 
 def transpose(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -54,11 +55,11 @@ def split(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Ten
         g if g is not None else b.zeros_like_grad(like, b.shape(out))
         for g, out in zip(grads, node.outputs)
     ]
-    return [b.op("Concat", pieces, {"axis": axis + 1})] + [None] * (len(node.inputs) - 1)
+    return [b.op("Concat", pieces, {"axis": axis + 1})]
 
 
 def expand(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
-    return [b.unbroadcast(grads[0], b.shape(node.inputs[0]), b.shape(node.outputs[0])), None]
+    return [b.unbroadcast(grads[0], b.shape(node.inputs[0]), b.shape(node.outputs[0]))]
 
 
 def tile(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -67,7 +68,7 @@ def tile(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tens
     # [P, r0*s0, r1*s1, ...] -> [P, r0, s0, r1, s1, ...] -> sum over the repeat axes.
     split_shape = [-1] + [v for r, s in zip(repeats, shape) for v in (r, s)]
     regrouped = b.op("Reshape", [grads[0], b.ints(split_shape)])
-    return [b.reduce_sum(regrouped, list(range(1, 2 * len(shape), 2)), keepdims=False), None]
+    return [b.reduce_sum(regrouped, list(range(1, 2 * len(shape), 2)), keepdims=False)]
 
 
 def _selection(indices: np.ndarray, size: int) -> np.ndarray:
@@ -96,7 +97,7 @@ def slice_(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
             grad = b.along_axis(grad, _selection(kept, shape[axis]).T, axis + 1, rank + 1)
     if any(pads_begin) or any(pads_end):
         grad = b.op("Pad", [grad, b.ints([0, *pads_begin, 0, *pads_end])], {"mode": "constant"})
-    return [grad] + [None] * (len(node.inputs) - 1)
+    return [grad]
 
 
 def gather(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tensor | None]:
@@ -108,7 +109,7 @@ def gather(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Te
     flat = np.where(indices < 0, indices + shape[axis], indices).reshape(-1)
     out_shape = list(shape[:axis]) + [len(flat)] + list(shape[axis + 1:])
     grad = b.as_grad(grads[0], out_shape)
-    return [b.along_axis(grad, _selection(flat, shape[axis]).T, axis + 1, rank + 1), None]
+    return [b.along_axis(grad, _selection(flat, shape[axis]).T, axis + 1, rank + 1)]
 
 
 def _pad_index(out_len: int, in_len: int, begin: int, mode: str) -> np.ndarray:
@@ -155,23 +156,27 @@ def pad(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> list[Tenso
             rows = np.nonzero(index >= 0)[0]
             np.add.at(matrix, (rows, index[rows]), 1.0)
             grad = b.along_axis(grad, matrix.T, axis + 1, rank + 1)
-    return [grad] + [None] * (len(node.inputs) - 1)
+    return [grad]
 
 
-RULES = {
-    "Reshape": reshape_back,
-    "Flatten": reshape_back,
-    "Squeeze": reshape_back,
-    "Unsqueeze": reshape_back,
-    "Identity": identity,
-    "Dropout": identity,
-    "Cast": identity,
-    "Transpose": transpose,
-    "Concat": concat,
-    "Split": split,
-    "Expand": expand,
-    "Tile": tile,
-    "Slice": slice_,
-    "Gather": gather,
-    "Pad": pad,
+# Reshape-like copies keep the values in order (a Softmax output stays the probabilities).
+_RESHAPE = Layout.COPY | Layout.SAME_ORDER
+_IDENTITY = Layout.COPY | Layout.SAME_ORDER | Layout.ELEMENTWISE
+
+OPS = {
+    "Reshape": unary(reshape_back, _RESHAPE),
+    "Flatten": unary(reshape_back, _RESHAPE),
+    "Squeeze": unary(reshape_back, _RESHAPE),
+    "Unsqueeze": unary(reshape_back, _RESHAPE),
+    "Identity": unary(identity, _IDENTITY),
+    "Dropout": unary(identity, _IDENTITY),
+    "Cast": unary(identity, _IDENTITY),
+    "Transpose": unary(transpose, Layout.COPY),
+    "Concat": variadic(concat),
+    "Split": unary(split),
+    "Expand": unary(expand),
+    "Tile": unary(tile),
+    "Slice": unary(slice_),
+    "Gather": unary(gather),
+    "Pad": unary(pad),
 }

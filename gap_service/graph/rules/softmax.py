@@ -10,6 +10,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, Tensor
+from .table import unary
 
 
 def _axis(b: GradBuilder, node: gs.Node) -> int:
@@ -28,4 +29,4 @@ def log_softmax(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> li
     return [b.op("Sub", [grads[0], b.mul(b.op("Exp", [node.outputs[0]]), total)])]
 
 
-RULES = {"Softmax": softmax, "LogSoftmax": log_softmax}
+OPS = {"Softmax": unary(softmax), "LogSoftmax": unary(log_softmax)}
