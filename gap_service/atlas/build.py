@@ -36,12 +36,14 @@ from ..explainer import Explainer
 from ..graph.layers import LayerInfo
 from ..preprocess import Preprocessing, preprocess
 from .images import ImageSource
+from .effective import effective_fields
 from .receptive import Box, NotAnalysable, ReceptiveField, receptive_fields
 from .store import FORMAT, Atlas, sheet_names, write_index, write_sheet
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "atlas.checkpoint.npz"
+EFFECTIVE_IMAGES = 8  # images the effective fields are measured on
 PICTURE_CACHE = 256  # pictures kept while cutting patches: 224x224 RGB is 150 KB, so ~40 MB at most
 GREY = 128  # letterbox and empty cells
 
@@ -146,15 +148,20 @@ def build_atlas(
     patch_size: int = 64,
     rows_per_sheet: int = 128,
     checkpoint_every: int = 256,
+    effective: float | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> Atlas:
     """Build (or resume) the atlas of ``layers`` (default: the explainer's) into ``out_dir``.
 
     ``digest`` is the sha256 of the model file the explainer was made from (``file_digest``):
-    the atlas is tied to it. Unreadable images are skipped and listed in the index.
+    the atlas is tied to it. Unreadable images are skipped and listed in the index. Patch boxes
+    are the units' receptive fields; with ``effective`` (a fraction such as 0.5) they are the
+    measured effective fields holding that share of the input gradient (effective.py).
     """
     if top < 1 or batch < 1 or patch_size < 4 or rows_per_sheet < 1 or checkpoint_every < 1:
         raise invalid("options", "top, batch, rows_per_sheet and checkpoint_every must be >= 1, patch_size >= 4")
+    if effective is not None and not 0 < effective <= 1:
+        raise invalid("effective", f"{effective} is not a fraction in (0, 1]")
     compiled = explainer.compiled()
     infos = [compiled.layer(name) for name in layers] if layers else explainer.layer_infos()
     names = [info.name for info in infos]
@@ -198,9 +205,20 @@ def build_atlas(
         raise
     if state.tops[0].count == 0:
         raise invalid("images", f"none of the {len(images)} images could be read: {state.skipped[:3]}")
-    atlas = _write(directory, explainer.name, digest, images, preprocessing, infos, fields, state, top, patch_size, rows_per_sheet)
+    analysable = {name: f for name, f in fields.items() if isinstance(f, ReceptiveField)}
+    effective_of = effective_fields(explainer, analysable, _sample_tensors(images, preprocessing, EFFECTIVE_IMAGES),
+                                    effective) if effective is not None and analysable else {}
+    picture = functools.lru_cache(maxsize=PICTURE_CACHE)(lambda i: preprocess(images[i].load(), preprocessing)[1])
+    layout = _Layout(top, patch_size, rows_per_sheet)
+    index = {"format": FORMAT, "model": {"name": explainer.name, "sha256": digest}, "preprocessing": preprocessing.to_dict(),
+             "top": top, "patch_size": patch_size, "effective_mass": effective,
+             "images": {"count": state.tops[0].count, "skipped": state.skipped},
+             "layers": [_layer_index(directory, number, info, running, fields[info.name], effective_of.get(info.name),
+                                     picture, images, layout)
+                        for number, (info, running) in enumerate(zip(infos, state.tops))]}
+    write_index(directory, index)
     (directory / CHECKPOINT).unlink(missing_ok=True)
-    return atlas
+    return Atlas(directory, index)
 
 
 def _check_shape(tensor: np.ndarray, expected: Sequence[int]) -> None:
@@ -254,45 +272,57 @@ def cut_patch(picture: np.ndarray, box: Box, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(square).resize((size, size), resample))
 
 
-def _write(directory: Path, model_name: str, digest: str, images: Sequence[ImageSource], preprocessing: Preprocessing,
-           infos: Sequence[LayerInfo], fields: dict[str, ReceptiveField | NotAnalysable], state: _State, top: int,
-           patch_size: int, rows_per_sheet: int) -> Atlas:
-    """Cut every kept patch into the sprite sheets and commit the index."""
-    picture = functools.lru_cache(maxsize=PICTURE_CACHE)(lambda i: preprocess(images[i].load(), preprocessing)[1])
-    layers, all_sheets = [], []
-    for index, (info, running) in enumerate(zip(infos, state.tops)):
-        found = fields[info.name]
-        receptive = found if isinstance(found, ReceptiveField) else None
-        if receptive is None:
-            log.warning("layer %s: %s; its patches are whole pictures", info.name, found.reason)
-        sheets = sheet_names(index, info.name, -(-info.channels // rows_per_sheet))
-        channels = []
-        for page, sheet in enumerate(sheets):
-            rows = range(page * rows_per_sheet, min(info.channels, (page + 1) * rows_per_sheet))
-            cells = np.full((len(rows), top, patch_size, patch_size, 3), GREY, np.uint8)
+@dataclass(frozen=True)
+class _Layout:
+    top: int
+    patch_size: int
+    rows_per_sheet: int
+
+
+def _layer_index(directory: Path, number: int, info: LayerInfo, running: RunningTop, found: ReceptiveField | NotAnalysable,
+                 effective: ReceptiveField | None, picture: Callable[[int], np.ndarray], images: Sequence[ImageSource],
+                 layout: _Layout) -> dict[str, Any]:
+    """Cut one layer's kept patches into its sprite sheets; its part of the index."""
+    receptive = found if isinstance(found, ReceptiveField) else None
+    boxes = effective or receptive
+    if receptive is None:
+        log.warning("layer %s: %s; its patches are whole pictures", info.name, found.reason)
+    size, rows_per_sheet = layout.patch_size, layout.rows_per_sheet
+    sheets = sheet_names(number, info.name, -(-info.channels // rows_per_sheet))
+    channels = []
+    for page, sheet in enumerate(sheets):
+        rows = range(page * rows_per_sheet, min(info.channels, (page + 1) * rows_per_sheet))
+        cells = np.full((len(rows), layout.top, size, size, 3), GREY, np.uint8)
+        for row, channel in enumerate(rows):
             patches = {}
-            for row, channel in enumerate(rows):
-                for k in np.argsort(running.images[channel], kind="stable"):  # by image: picture cache hits
-                    image_id = int(running.images[channel, k])
-                    if image_id < 0:
-                        continue
-                    pixels = picture(image_id)
-                    unit = tuple(int(u) for u in np.unravel_index(running.units[channel, k], info.spatial_shape))
-                    height, width = pixels.shape[:2]
-                    box = receptive.box(unit, height, width) if receptive else (0, 0, height, width)
-                    cells[row, k] = cut_patch(pixels, box, patch_size)
-                    patches[channel, int(k)] = {"image": images[image_id].name, "unit": list(unit), "box": list(box),
-                                                "activation": _round(running.values[channel, k])}
-                channels.append({"channel": channel, "sheet": page, "row": row, "stats": running.stats(channel),
-                                 "patches": [patches[channel, k] for k in range(top) if (channel, k) in patches]})
-            write_sheet(directory, sheet, cells)
-        all_sheets.extend(sheets)
-        layers.append({"name": info.name, "shape": list(info.shape), "channel_axis": info.channel_axis,
-                       "field": receptive.to_dict() if receptive else None,
-                       "field_note": None if receptive else found.reason,
-                       "sheets": list(sheets), "rows_per_sheet": rows_per_sheet, "channels": channels})
-    index = {"format": FORMAT, "model": {"name": model_name, "sha256": digest},
-             "preprocessing": preprocessing.to_dict(), "top": top, "patch_size": patch_size,
-             "images": {"count": state.tops[0].count, "skipped": state.skipped}, "layers": layers}
-    write_index(directory, index, all_sheets)
-    return Atlas(directory, index)
+            for k in np.argsort(running.images[channel], kind="stable"):  # by image: picture cache hits
+                image_id = int(running.images[channel, k])
+                if image_id < 0:
+                    continue
+                pixels = picture(image_id)
+                unit = tuple(int(u) for u in np.unravel_index(running.units[channel, k], info.spatial_shape))
+                height, width = pixels.shape[:2]
+                box = boxes.box(unit, height, width) if boxes else (0, 0, height, width)
+                cells[row, k] = cut_patch(pixels, box, size)
+                patches[int(k)] = {"image": images[image_id].name, "unit": list(unit), "box": list(box),
+                                   "activation": _round(running.values[channel, k])}
+            channels.append({"channel": channel, "sheet": page, "row": row, "stats": running.stats(channel),
+                             "patches": [patches[k] for k in sorted(patches)]})
+        write_sheet(directory, sheet, cells)
+    return {"name": info.name, "shape": list(info.shape), "channel_axis": info.channel_axis,
+            "field": receptive.to_dict() if receptive else None, "field_note": None if receptive else found.reason,
+            "effective_field": effective.to_dict() if effective else None,
+            "sheets": list(sheets), "rows_per_sheet": rows_per_sheet, "channels": channels}
+
+
+def _sample_tensors(images: Sequence[ImageSource], preprocessing: Preprocessing, count: int) -> list[np.ndarray]:
+    """The first ``count`` readable images as model inputs."""
+    tensors: list[np.ndarray] = []
+    for source in images:
+        if len(tensors) == count:
+            break
+        try:
+            tensors.append(preprocess(source.load(), preprocessing)[0])
+        except GapError:
+            continue
+    return tensors

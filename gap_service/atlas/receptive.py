@@ -108,9 +108,8 @@ def receptive_fields(nm: NormalizedModel, names: Sequence[str], image_input: str
     """The receptive field of every tensor in ``names`` on the image input (default: the first input)."""
     graph = nm.graph()
     image = image_input or next(iter(nm.inputs))
-    channel = channel_axes(graph, nm).get(image, 1)
-    spatial = [a for a in range(len(nm.inputs[image])) if a not in (0, channel)]
-    if len(spatial) != 2:
+    spatial = image_axes(nm, image, graph)
+    if spatial is None:
         return {name: NotAnalysable(f"input '{image}' of shape {list(nm.inputs[image])} is not an image") for name in names}
     fields: dict[str, _Field] = {image: _TensorField({spatial[0]: (0, _IDENTITY), spatial[1]: (1, _IDENTITY)})}
     for node in graph.nodes:
@@ -122,6 +121,13 @@ def receptive_fields(nm: NormalizedModel, names: Sequence[str], image_input: str
             if out.name:
                 fields[out.name] = result
     return {name: _layer_field(name, fields.get(name), nm) for name in names}
+
+
+def image_axes(nm: NormalizedModel, image: str, graph: gs.Graph | None = None) -> tuple[int, int] | None:
+    """The (rows, cols) axes of an image input: the two that are neither batch nor channels."""
+    channel = channel_axes(graph or nm.graph(), nm).get(image, 1)
+    spatial = [a for a in range(len(nm.inputs[image])) if a not in (0, channel)]
+    return (spatial[0], spatial[1]) if len(spatial) == 2 else None
 
 
 def _layer_field(name: str, field: _Field | None, nm: NormalizedModel) -> ReceptiveField | NotAnalysable:

@@ -7,12 +7,14 @@
                                       each cell patch_size x patch_size RGB
 
 atlas.json: {"format", "model": {"name", "sha256"}, "preprocessing", "top", "patch_size",
-"images": {"count", "skipped": [{"name", "reason"}]}, "layers": [{"name", "shape", "channel_axis",
-"field" (receptive field, or null), "field_note" (why not), "sheets", "rows_per_sheet",
-"channels": [{"channel", "sheet", "row", "stats": {"mean", "fire_rate", "image_rate", "max"},
-"patches": [{"image", "unit", "box", "activation"}]}]}]}. ``box`` is [top, left, bottom, right)
-in pixels of the picture the model saw (after resize and crop); ``unit`` is the unit's spatial
-index in the layer.
+"effective_mass", "images": {"count", "skipped": [{"name", "reason"}]}, "layers": [{"name",
+"shape", "channel_axis", "field" (receptive field, or null), "field_note" (why null),
+"effective_field" (or null), "sheets", "rows_per_sheet", "channels": [{"channel", "sheet", "row",
+"stats": {"mean", "fire_rate", "image_rate", "max"}, "patches": [{"image", "unit", "box",
+"activation"}]}]}]}. A field is {"rows", "cols": {"size", "jump", "start"}, "global_context",
+"transposed"}. ``box`` is [top, left, bottom, right) in pixels of the picture the model saw
+(after resize and crop): the unit's effective field when the atlas has one, else its receptive
+field, clipped to the picture; ``unit`` is the unit's spatial index in the layer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -121,14 +123,15 @@ class LayerAtlas:
     channel_axis: int
     field: ReceptiveField | None
     field_note: str | None
+    effective_field: ReceptiveField | None
     sheets: tuple[str, ...]
     rows_per_sheet: int
     channels: tuple[Mapping[str, Any], ...]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LayerAtlas:
-        field = ReceptiveField.from_dict(data["field"]) if data.get("field") else None
-        return cls(data["name"], tuple(data["shape"]), int(data["channel_axis"]), field, data.get("field_note"),
+        field, effective = (ReceptiveField.from_dict(data[k]) if data.get(k) else None for k in ("field", "effective_field"))
+        return cls(data["name"], tuple(data["shape"]), int(data["channel_axis"]), field, data.get("field_note"), effective,
                    tuple(data["sheets"]), int(data["rows_per_sheet"]), tuple(data["channels"]))
 
 
@@ -142,6 +145,7 @@ class Atlas:
         self.model_name: str = index["model"]["name"]
         self.top: int = int(index["top"])
         self.patch_size: int = int(index["patch_size"])
+        self.effective_mass: float | None = index["effective_mass"]
         self.image_count: int = int(index["images"]["count"])
         self.skipped: tuple[Mapping[str, str], ...] = tuple(index["images"]["skipped"])
         self.layers: dict[str, LayerAtlas] = {d["name"]: LayerAtlas.from_dict(d) for d in index["layers"]}
@@ -206,20 +210,25 @@ def sheet_names(layer_index: int, layer: str, pages: int) -> tuple[str, ...]:
 def write_sheet(directory: Path, name: str, cells: np.ndarray) -> None:
     """cells [rows, columns, S, S, 3] uint8 -> one PNG, rows top to bottom."""
     rows, columns, size = cells.shape[:3]
-    Image.fromarray(cells.transpose(0, 2, 1, 3, 4).reshape(rows * size, columns * size, 3)).save(directory / name)
+    Image.fromarray(cells.transpose(0, 2, 1, 3, 4).reshape(rows * size, columns * size, 3)).save(
+        directory / name, compress_level=3)  # 2x faster than the default 6 for 5% more bytes (measured on a sheet)
 
 
-def write_index(directory: Path, index: Mapping[str, Any], sheets: Sequence[str]) -> None:
-    """Commit the atlas: the index replaces the old one atomically, then stale sheets go."""
+def write_index(directory: Path, index: Mapping[str, Any]) -> None:
+    """Commit the atlas: the index replaces the old one atomically, then the old one's stale sheets go."""
     path = directory / INDEX
     previous: set[str] = set()
     if path.is_file():
         try:
-            previous = {s for layer in json.loads(path.read_text())["layers"] for s in layer["sheets"]}
+            previous = _sheets(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             previous = set()
     temporary = path.with_suffix(".json.tmp")
     temporary.write_text(json.dumps(index, separators=(",", ":")))
     os.replace(temporary, path)
-    for stale in previous - set(sheets):
+    for stale in previous - _sheets(index):
         (directory / stale).unlink(missing_ok=True)
+
+
+def _sheets(index: Mapping[str, Any]) -> set[str]:
+    return {sheet for layer in index["layers"] for sheet in layer["sheets"]}

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=int, default=9, help="patches kept per channel (default 9)")
     parser.add_argument("--batch", type=int, default=16, help="images merged into the running top-n at a time (default 16)")
     parser.add_argument("--patch-size", type=int, default=64, help="side of one patch in the sprite sheets (default 64)")
+    parser.add_argument("--effective", type=float, metavar="MASS",
+                        help="patches show the measured effective field holding this share of the input gradient, "
+                        "e.g. 0.5 (default: the whole receptive field)")
     parser.add_argument("--checkpoint-every", type=int, default=256, help="save the running state every N images (default 256)")
     parser.add_argument("--out", help="atlas folder (default: atlas/ beside the model file)")
     parser.add_argument("--preprocessing", help="JSON file with a 'preprocessing' object (default: the model's config.json)")
@@ -65,16 +68,18 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     atlas = build_atlas(explainer, images, preprocessing, out, digest=file_digest(path), layers=layers, top=args.top,
                         batch=args.batch, patch_size=args.patch_size, checkpoint_every=args.checkpoint_every,
-                        on_progress=ProgressLine())
+                        effective=args.effective, on_progress=ProgressLine())
     elapsed = time.perf_counter() - started
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     channels = sum(len(layer.channels) for layer in atlas.layers.values())
     print(f"atlas of {len(atlas.layers)} layers, {channels} channels, top {atlas.top}, from {atlas.image_count} images "
           f"in {elapsed:.1f} s: {out} ({size / 2**20:.1f} MiB)")
     for layer in atlas.layers.values():
-        field = layer.field
+        field, effective = layer.field, layer.effective_field
         where = (f"receptive field {field.rows.size}x{field.cols.size} px, stride {field.rows.jump}"
-                 + (" (+ global context)" if field.global_context else "")) if field else f"whole pictures: {layer.field_note}"
+                 + (" (+ global context)" if field.global_context else "")
+                 + (f", effective {effective.rows.size}x{effective.cols.size} px" if effective else "")
+                 ) if field else f"whole pictures: {layer.field_note}"
         print(f"  {layer.name}: {len(layer.channels)} channels, {where}")
     if atlas.skipped:
         listed = ", ".join(s["name"] for s in atlas.skipped[:5]) + (", ..." if len(atlas.skipped) > 5 else "")
