@@ -66,14 +66,6 @@ class Preprocessing:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise invalid("preprocessing.mean/std", "need three values each, std > 0")
 
-    @property
-    def output_hw(self) -> tuple[int, int]:
-        if self.crop:
-            return int(self.crop[0]), int(self.crop[1])
-        if self.resize == "shorter_side":
-            raise invalid("preprocessing.crop", "shorter_side resizing needs a crop size for a fixed input shape")
-        return int(self.size[0]), int(self.size[1])
-
 
 def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, field_name: str = "image") -> Image.Image:
     """Decode PNG/JPEG (or any format Pillow reads) to RGB, refusing corrupt or oversized images."""

@@ -37,7 +37,7 @@ def test_predict_then_explain_on_a_fresh_explainer(model, picture) -> None:
     assert prediction.classes[0].label == entry.config.labels[tree.target] == tree.label
     probabilities = np.exp(prediction.logits - prediction.logits.max())
     probabilities /= probabilities.sum()
-    assert [c.probability for c in prediction.classes] == pytest.approx(sorted(probabilities.reshape(-1), reverse=True))
+    assert [c.probability for c in prediction.classes] == pytest.approx(sorted(probabilities.reshape(-1), reverse=True)[:4])
 
 
 def test_an_image_and_its_preprocessed_tensor_give_the_same_tree(entry, image) -> None:
