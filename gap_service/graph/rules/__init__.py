@@ -6,13 +6,12 @@ See table.py for what an entry states and the one signature every rule has.
 from __future__ import annotations
 
 from . import activation, conv, elementwise, linear, nondifferentiable, normalization, pool, reduce, resize, shape, softmax
-from .table import Layout, OpEntry, Rule, input_grads
+from .table import Layout, OpEntry, Rule, input_grads, merge
 
-OPS: dict[str, OpEntry] = {}
-for _family in (activation, conv, elementwise, linear, nondifferentiable, normalization, pool, reduce, resize, shape, softmax):
-    _overlap = OPS.keys() & _family.OPS.keys()
-    assert not _overlap, f"op types with two entries: {_overlap}"
-    OPS.update(_family.OPS)
+OPS: dict[str, OpEntry] = merge(
+    family.OPS
+    for family in (activation, conv, elementwise, linear, nondifferentiable, normalization, pool, reduce, resize, shape, softmax)
+)
 
 UNKNOWN = OpEntry(None, (0,))  # an op not in the table: no facts, no rule
 
@@ -26,4 +25,4 @@ def ops_with(facts: Layout) -> frozenset[str]:
     return frozenset(op for op, e in OPS.items() if e.layout & facts)
 
 
-__all__ = ["OPS", "Layout", "OpEntry", "Rule", "entry", "input_grads", "ops_with"]
+__all__ = ["OPS", "Layout", "OpEntry", "Rule", "entry", "input_grads", "merge", "ops_with"]

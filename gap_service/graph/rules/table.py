@@ -11,7 +11,7 @@ node's inputs; every other input (shapes, axes, weights) gets None there, in thi
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
@@ -91,3 +91,14 @@ def input_grads(entry: OpEntry, b: GradBuilder, node: gs.Node, output_grads: lis
         if grad is not None:
             placed[index] = grad
     return placed
+
+
+def merge(families: Iterable[Mapping[str, OpEntry]]) -> dict[str, OpEntry]:
+    """One table from the families' tables; an op type with two entries is refused."""
+    table: dict[str, OpEntry] = {}
+    for family in families:
+        overlap = table.keys() & family.keys()
+        if overlap:
+            raise ValueError(f"op types with two entries: {sorted(overlap)}")
+        table.update(family)
+    return table
