@@ -73,11 +73,12 @@ class TorchCase:
 
 
 def torch_case(name: str) -> TorchCase:
-    """Build a fresh instance of the torch case called *name* (see :data:`TORCH_CASES`)."""
+    """Build a fresh instance of the torch case called *name* (see :data:`TORCH_CASES`, :data:`LAYER_CASES`)."""
+    builders = {**TORCH_CASES, **LAYER_CASES}
     try:
-        builder = TORCH_CASES[name]
+        builder = builders[name]
     except KeyError:
-        raise KeyError(f"unknown torch case {name!r}; known: {sorted(TORCH_CASES)}") from None
+        raise KeyError(f"unknown torch case {name!r}; known: {sorted(builders)}") from None
     return builder()
 
 
@@ -644,6 +645,26 @@ class SoftmaxHeadNet(nn.Module):
         return torch.softmax(self.fc(torch.flatten(x, 1)), dim=1)
 
 
+class PaddedStridesNet(nn.Module):
+    """TF/Keras-style explicit padding: a ZeroPad2d or F.pad before each strided conv (what
+    tf2onnx emits for "same" padding, and EfficientNet ports do), so padded copies of odd sizes
+    (65, 34, 17) sit between the real stage maps (32, 16, 8)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())  # 64 -> 32
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.down1 = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(8, 8, 3, stride=2, groups=8), nn.Conv2d(8, 16, 1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())  # 16
+        self.down2 = nn.Conv2d(16, 32, 3, stride=2)  # after F.pad: 17 -> 8
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.down1(self.block1(self.stem(x))))
+        x = F.relu(self.down2(F.pad(x, (0, 1, 0, 1))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class MiscOpsA(nn.Module):
     """Activations, padding modes, dilated/grouped convs and ceil-mode pooling."""
 
@@ -807,6 +828,12 @@ TORCH_CASES: dict[str, Callable[[], TorchCase]] = {
 ``resnet_bn_decomposed`` compute the same function with three BatchNorm encodings.
 ``resnet18``/``resnet50`` have torchvision's layout with BN statistics calibrated on a
 random batch (see :func:`_calibrate_batchnorms`); all other BN layers have random stats."""
+
+LAYER_CASES: dict[str, Callable[[], TorchCase]] = {
+    "padded_strides": _make("padded_strides", PaddedStridesNet, _NCHW_64),
+}
+"""Cases for layer discovery (explicit padding), built and exported like the torch cases."""
+
 
 
 # --------------------------------------------------------------------------------------

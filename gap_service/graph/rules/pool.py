@@ -19,7 +19,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
-from ._geometry import explicit_pads, transpose_padding, window_attrs
+from ._geometry import explicit_pads, window_attrs
+from .conv import conv_input_grad
 from .table import Layout, no_rule, unary
 
 
@@ -73,19 +74,8 @@ def average_pool(b: GradBuilder, node: gs.Node, grads: list[Tensor | None]) -> l
     inverse = inverse_divisor(in_sizes, out_sizes, kernel, strides, dilations, begins, ends, include_pad)
     scaled = b.fold_seeds(b.mul(grads[0], inverse), b.shape(node.outputs[0]), "AveragePool")
     channels = b.shape(x)[1]
-    ones = np.ones([channels, 1, *kernel], dtype=b.float_dtype)
-    geometry = [transpose_padding(i, o, k, s, d, p) for i, o, k, s, d, p in zip(in_sizes, out_sizes, kernel, strides, dilations, begins)]
-    dx = b.op(
-        "ConvTranspose",
-        [scaled, ones],
-        {
-            "strides": strides,
-            "dilations": dilations,
-            "group": channels,
-            "pads": [g[0] for g in geometry] + [g[1] for g in geometry],
-            "output_padding": [g[2] for g in geometry],
-        },
-    )
+    ones = b.const(np.ones([channels, 1, *kernel]))  # no weight value given: the transposed-convolution form
+    dx = conv_input_grad(b, scaled, ones, None, channels, in_sizes, out_sizes, strides, dilations, begins, ends)
     return [b.as_grad(dx, b.shape(x))]
 
 

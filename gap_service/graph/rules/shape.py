@@ -176,7 +176,7 @@ OPS = {
     "Split": unary(split),
     "Expand": unary(expand),
     "Tile": unary(tile),
-    "Slice": unary(slice_),
+    "Slice": unary(slice_, Layout.COPY),
     "Gather": unary(gather),
-    "Pad": unary(pad),
+    "Pad": unary(pad, Layout.COPY),  # where a Pad feeds a conv, the layer is the Pad's input
 }
