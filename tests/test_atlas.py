@@ -17,7 +17,8 @@ from torch import nn
 from gap_service import Explainer
 from gap_service.atlas import (AtlasMismatchError, ImageSource, Progress, ReceptiveField, build_atlas, file_digest,
                                folder_images, load_atlas, reference_set, with_crops)
-from gap_service.atlas.build import CHECKPOINT, cut_patch
+from gap_service.atlas.build import CHECKPOINT
+from gap_service.atlas.sheets import cut_patch
 from gap_service.cli import main
 from gap_service.preprocess import Preprocessing, preprocess
 from support.models import TorchCase, export_onnx

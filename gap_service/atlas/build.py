@@ -11,12 +11,11 @@ depend on batch size or on where a run was interrupted.
 The state is checkpointed every ``checkpoint_every`` images and on Ctrl-C, keyed by the model
 digest, the image names, the layers, ``top`` and the preprocessing: a rerun with the same key
 resumes, any other key starts afresh. Patches are cut at the end by reopening only the images
-that won (a bounded cache of pictures keeps small sets from being decoded twice).
+that won (sheets.py).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -29,23 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..errors import GapError, invalid
 from ..explainer import Explainer
-from ..graph.layers import LayerInfo
 from ..preprocess import Preprocessing, preprocess
-from .images import ImageSource
 from .effective import effective_fields
-from .receptive import Box, NotAnalysable, ReceptiveField, receptive_fields
-from .store import FORMAT, Atlas, sheet_names, write_index, write_sheet
+from .images import ImageSource
+from .receptive import ReceptiveField, receptive_fields
+from .sheets import KeptLayer, SheetLayout, write_layers
+from .store import FORMAT, Atlas, write_index
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "atlas.checkpoint.npz"
 EFFECTIVE_IMAGES = 8  # images the effective fields are measured on
-PICTURE_CACHE = 256  # pictures kept while cutting patches: 224x224 RGB is 150 KB, so ~40 MB at most
-GREY = 128  # letterbox and empty cells
 
 
 @dataclass(frozen=True)
@@ -208,14 +204,12 @@ def build_atlas(
     analysable = {name: f for name, f in fields.items() if isinstance(f, ReceptiveField)}
     effective_of = effective_fields(explainer, analysable, _sample_tensors(images, preprocessing, EFFECTIVE_IMAGES),
                                     effective) if effective is not None and analysable else {}
-    picture = functools.lru_cache(maxsize=PICTURE_CACHE)(lambda i: preprocess(images[i].load(), preprocessing)[1])
-    layout = _Layout(top, patch_size, rows_per_sheet)
+    kept = [KeptLayer(info, running.images, running.units, running.values, [running.stats(c) for c in range(info.channels)],
+                      fields[info.name], effective_of.get(info.name)) for info, running in zip(infos, state.tops)]
+    layers = write_layers(directory, kept, images, preprocessing, SheetLayout(top, patch_size, rows_per_sheet))
     index = {"format": FORMAT, "model": {"name": explainer.name, "sha256": digest}, "preprocessing": preprocessing.to_dict(),
              "top": top, "patch_size": patch_size, "effective_mass": effective,
-             "images": {"count": state.tops[0].count, "skipped": state.skipped},
-             "layers": [_layer_index(directory, number, info, running, fields[info.name], effective_of.get(info.name),
-                                     picture, images, layout)
-                        for number, (info, running) in enumerate(zip(infos, state.tops))]}
+             "images": {"count": state.tops[0].count, "skipped": state.skipped}, "layers": layers}
     write_index(directory, index)
     (directory / CHECKPOINT).unlink(missing_ok=True)
     return Atlas(directory, index)
@@ -254,65 +248,6 @@ def _restore(path: Path, key: str, state: _State) -> int:
     state.skipped = list(meta["skipped"])
     log.info("resuming after %d of the images from %s", meta["done"], path)
     return int(meta["done"])
-
-
-def cut_patch(picture: np.ndarray, box: Box, size: int) -> np.ndarray:
-    """The box's pixels letterboxed into a grey square, scaled to size x size.
-
-    Enlarged with nearest neighbours (an early layer's few pixels stay visible as they are),
-    reduced with a box filter.
-    """
-    top, left, bottom, right = box
-    crop = picture[top:bottom, left:right]
-    side = max(crop.shape[:2])
-    square = np.full((side, side, 3), GREY, np.uint8)
-    y, x = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-    square[y : y + crop.shape[0], x : x + crop.shape[1]] = crop
-    resample = Image.Resampling.NEAREST if side <= size else Image.Resampling.BOX
-    return np.asarray(Image.fromarray(square).resize((size, size), resample))
-
-
-@dataclass(frozen=True)
-class _Layout:
-    top: int
-    patch_size: int
-    rows_per_sheet: int
-
-
-def _layer_index(directory: Path, number: int, info: LayerInfo, running: RunningTop, found: ReceptiveField | NotAnalysable,
-                 effective: ReceptiveField | None, picture: Callable[[int], np.ndarray], images: Sequence[ImageSource],
-                 layout: _Layout) -> dict[str, Any]:
-    """Cut one layer's kept patches into its sprite sheets; its part of the index."""
-    receptive = found if isinstance(found, ReceptiveField) else None
-    boxes = effective or receptive
-    if receptive is None:
-        log.warning("layer %s: %s; its patches are whole pictures", info.name, found.reason)
-    size, rows_per_sheet = layout.patch_size, layout.rows_per_sheet
-    sheets = sheet_names(number, info.name, -(-info.channels // rows_per_sheet))
-    channels = []
-    for page, sheet in enumerate(sheets):
-        rows = range(page * rows_per_sheet, min(info.channels, (page + 1) * rows_per_sheet))
-        cells = np.full((len(rows), layout.top, size, size, 3), GREY, np.uint8)
-        for row, channel in enumerate(rows):
-            patches = {}
-            for k in np.argsort(running.images[channel], kind="stable"):  # by image: picture cache hits
-                image_id = int(running.images[channel, k])
-                if image_id < 0:
-                    continue
-                pixels = picture(image_id)
-                unit = tuple(int(u) for u in np.unravel_index(running.units[channel, k], info.spatial_shape))
-                height, width = pixels.shape[:2]
-                box = boxes.box(unit, height, width) if boxes else (0, 0, height, width)
-                cells[row, k] = cut_patch(pixels, box, size)
-                patches[int(k)] = {"image": images[image_id].name, "unit": list(unit), "box": list(box),
-                                   "activation": _round(running.values[channel, k])}
-            channels.append({"channel": channel, "sheet": page, "row": row, "stats": running.stats(channel),
-                             "patches": [patches[k] for k in sorted(patches)]})
-        write_sheet(directory, sheet, cells)
-    return {"name": info.name, "shape": list(info.shape), "channel_axis": info.channel_axis,
-            "field": receptive.to_dict() if receptive else None, "field_note": None if receptive else found.reason,
-            "effective_field": effective.to_dict() if effective else None,
-            "sheets": list(sheets), "rows_per_sheet": rows_per_sheet, "channels": channels}
 
 
 def _sample_tensors(images: Sequence[ImageSource], preprocessing: Preprocessing, count: int) -> list[np.ndarray]:

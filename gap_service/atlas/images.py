@@ -6,6 +6,7 @@ the few images whose patches it keeps, so no set is ever held in memory.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,19 +56,23 @@ def augmented_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def with_crops(images: Sequence[ImageSource], crops: int, seed: int = 0) -> list[ImageSource]:
-    """Each image followed by ``crops`` augmented crops named ``<name>#crop<k>``, seeded by (seed, name, k)."""
+    """Each image followed by ``crops`` augmented crops named ``<name>#crop<k>``, seeded by (seed, name, k).
+
+    An image and its crops are read in a row, so the last decoded original is kept for them.
+    """
+    if not crops:
+        return list(images)
+    original = functools.lru_cache(maxsize=1)(lambda index: images[index].load())
     result: list[ImageSource] = []
-    for source in images:
-        result.append(source)
-        result.extend(ImageSource(f"{source.name}#crop{k:02d}", _crop_loader(source, seed, k)) for k in range(crops))
+    for index, source in enumerate(images):
+        result.append(ImageSource(source.name, functools.partial(original, index)))
+        result.extend(ImageSource(f"{source.name}#crop{k:02d}", _crop_loader(functools.partial(original, index), source.name, seed, k))
+                      for k in range(crops))
     return result
 
 
-def _crop_loader(source: ImageSource, seed: int, k: int) -> Callable[[], Image.Image]:
-    def load() -> Image.Image:
-        return augmented_crop(source.load(), np.random.default_rng([seed, zlib.crc32(source.name.encode()), k]))
-
-    return load
+def _crop_loader(load: Callable[[], Image.Image], name: str, seed: int, k: int) -> Callable[[], Image.Image]:
+    return lambda: augmented_crop(load(), np.random.default_rng([seed, zlib.crc32(name.encode()), k]))
 
 
 def reference_set(crops: int = 15, seed: int = 0, photos: Path = BUNDLED_PHOTOS) -> list[ImageSource]:

@@ -40,8 +40,10 @@ class ProgressLine:
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.shown = -1
+        self.last: Progress | None = None
 
     def __call__(self, p: Progress) -> None:
+        self.last = p
         tenth = 10 * p.done // max(p.total, 1)
         if not self.tty and tenth == self.shown and p.done < p.total:
             return
@@ -65,15 +67,18 @@ def run(args: argparse.Namespace) -> int:
         15 if args.crops is None else args.crops)
     out = Path(args.out) if args.out else atlas_dir_for(path)
     layers = parse_layers(args.layers) or (list(config.layers) if config and config.layers else None)
+    progress = ProgressLine()
     started = time.perf_counter()
     atlas = build_atlas(explainer, images, preprocessing, out, digest=file_digest(path), layers=layers, top=args.top,
                         batch=args.batch, patch_size=args.patch_size, checkpoint_every=args.checkpoint_every,
-                        effective=args.effective, on_progress=ProgressLine())
+                        effective=args.effective, on_progress=progress)
     elapsed = time.perf_counter() - started
+    scan = progress.last.elapsed if progress.last else 0.0
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     channels = sum(len(layer.channels) for layer in atlas.layers.values())
     print(f"atlas of {len(atlas.layers)} layers, {channels} channels, top {atlas.top}, from {atlas.image_count} images "
-          f"in {elapsed:.1f} s: {out} ({size / 2**20:.1f} MiB)")
+          f"in {elapsed:.1f} s ({scan:.1f} s decoding and forward passes, {elapsed - scan:.1f} s set-up, fields and "
+          f"sheets): {out} ({size / 2**20:.1f} MiB)")
     for layer in atlas.layers.values():
         field, effective = layer.field, layer.effective_field
         where = (f"receptive field {field.rows.size}x{field.cols.size} px, stride {field.rows.jump}"
