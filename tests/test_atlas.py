@@ -123,6 +123,7 @@ def test_patches_are_the_receptive_fields_cut_from_the_picture(model: Path, imag
             np.testing.assert_array_equal(pixels, cut_patch(picture, patch.box, atlas.patch_size))
         strip = np.asarray(Image.open(io.BytesIO(entry.strip_png())))
         np.testing.assert_array_equal(strip, np.concatenate(list(entry.pixels), axis=1))
+        assert entry.sheet.is_file() and json.loads(json.dumps(entry.to_dict()))["row"] == 1
     # 8x8 map behind conv k3 p1, maxpool 2, conv k3 s2 p1: field (3+1+2*2, 4, -1-2) = (8, 4, -3)
     assert atlas.layers[list(atlas.layers)[0]].field.rows.__dict__ == {"size": 8, "jump": 4, "start": -3}
 

@@ -91,13 +91,16 @@ class ChannelStats:
 
 @dataclass(frozen=True)
 class ChannelEntry:
-    """What one channel responds to: its top patches (pixels [n, S, S, 3] uint8) and statistics."""
+    """What one channel responds to: its top patches (pixels [n, S, S, 3] uint8) and statistics;
+    ``sheet`` and ``row`` say where the patches are on disk."""
 
     layer: str
     channel: int
     stats: ChannelStats
     patches: tuple[Patch, ...]
     pixels: np.ndarray
+    sheet: Path
+    row: int
 
     def strip_png(self) -> bytes:
         """All patches side by side, strongest first: one small picture per node for a report."""
@@ -111,7 +114,7 @@ class ChannelEntry:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without pixels."""
         return {"layer": self.layer, "channel": self.channel, "stats": asdict(self.stats),
-                "patches": [asdict(p) for p in self.patches]}
+                "patches": [asdict(p) for p in self.patches], "sheet": self.sheet.name, "row": self.row}
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,8 @@ class LayerAtlas:
 
 
 class Atlas:
-    """A loaded atlas; sheets are decoded on first use and a few are kept."""
+    """A loaded atlas, safe to share between threads; sheet pages are decoded on first use and
+    the last few kept (a 128-channel page of 64 px patches is 14 MB decoded)."""
 
     def __init__(self, directory: Path, index: Mapping[str, Any]) -> None:
         self.directory = directory
@@ -163,10 +167,10 @@ class Atlas:
             raise invalid("channel", f"{channel} out of range: layer '{layer}' has {len(info.channels)} channels")
         data = info.channels[channel]
         patches = tuple(Patch(p["image"], tuple(p["unit"]), tuple(p["box"]), float(p["activation"])) for p in data["patches"])
-        size = self.patch_size
-        row = self._sheet(info.sheets[data["sheet"]])[data["row"] * size : (data["row"] + 1) * size]
+        size, sheet = self.patch_size, info.sheets[data["sheet"]]
+        row = self._sheet(sheet)[data["row"] * size : (data["row"] + 1) * size]
         pixels = np.stack([row[:, k * size : (k + 1) * size] for k in range(len(patches))]) if patches else np.zeros((0, size, size, 3), np.uint8)
-        return ChannelEntry(layer, channel, ChannelStats(**data["stats"]), patches, pixels)
+        return ChannelEntry(layer, channel, ChannelStats(**data["stats"]), patches, pixels, self.directory / sheet, data["row"])
 
     def _read_sheet(self, name: str) -> np.ndarray:
         with Image.open(self.directory / name) as sheet:
