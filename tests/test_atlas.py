@@ -17,7 +17,7 @@ from torch import nn
 from gap_service import Explainer
 from gap_service.atlas import (AtlasMismatchError, ImageSource, Progress, ReceptiveField, build_atlas, file_digest,
                                folder_images, load_atlas, reference_set, with_crops)
-from gap_service.atlas.build import CHECKPOINT
+from gap_service.atlas.build import CHECKPOINT, RunningTop
 from gap_service.atlas.sheets import cut_patch
 from gap_service.cli import main
 from gap_service.preprocess import Preprocessing, preprocess
@@ -78,36 +78,53 @@ def build(model: Path, images: list[ImageSource], out: Path, **options):
 
 
 def brute_force(model: Path, layers: list[str], images: list[ImageSource]) -> dict[str, np.ndarray]:
-    """Every layer's activations on every image, [N, C, H, W], straight from onnxruntime."""
+    """Every layer's activations and its ReLU's input on every image, [N, C, H, W], straight from onnxruntime."""
     proto = onnx.load(str(model))
-    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in layers)
+    relu_inputs = {node.output[0]: node.input[0] for node in proto.graph.node if node.op_type == "Relu"}
+    names = [*layers, *(relu_inputs[name] for name in layers)]
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    runs = [session.run(layers, {"input": preprocess(s.load(), PREPROCESSING)[0]}) for s in images]
-    return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(layers)}
+    runs = [session.run(names, {"input": preprocess(s.load(), PREPROCESSING)[0]}) for s in images]
+    stacked = {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(names)}
+    return {**{name: stacked[name] for name in layers}, **{f"{name} pre": stacked[relu_inputs[name]] for name in layers}}
 
 
 def test_top_patches_are_the_true_top_activations(model: Path, images: list[ImageSource], tmp_path: Path) -> None:
-    atlas = build(model, images, tmp_path / "atlas")
+    """Each channel's patches: the images with the highest activation, at their strongest unit; ties
+    (zeros of a ReLU) broken by the ReLU's input, then by image order. Top 7 of 7 images: ranks all
+    of them, the two that never fire in channel 1 of the 8x8 map included."""
+    atlas = build(model, images, tmp_path / "atlas", top=IMAGES)
     layers = list(atlas.layers)
     assert len(layers) == 2 and atlas.image_count == IMAGES
     truth = brute_force(model, layers, images)
     for name in layers:
-        acts = truth[name]  # [N, C, H, W]
-        flat = acts.reshape(*acts.shape[:2], -1)
+        acts, pre = truth[name], truth[f"{name} pre"]  # [N, C, H, W]
         for channel in range(acts.shape[1]):
-            best = flat[:, channel].max(axis=1)
-            order = sorted(range(IMAGES), key=lambda i: (-best[i], i))[:3]
+            best = acts[:, channel].reshape(IMAGES, -1).max(axis=1)
+            best_pre = pre[:, channel].reshape(IMAGES, -1).max(axis=1)
+            order = sorted(range(IMAGES), key=lambda i: (-best[i], -best_pre[i], i))
             entry = atlas.entry(name, channel)
             assert [p.image for p in entry.patches] == [images[i].name for i in order]
             np.testing.assert_allclose([p.activation for p in entry.patches], best[order], rtol=1e-5)
             for patch, i in zip(entry.patches, order):
-                assert acts[(i, channel, *patch.unit)] == pytest.approx(best[i], rel=1e-5)
+                assert pre[(i, channel, *patch.unit)] == pytest.approx(best_pre[i], rel=1e-5)
             values = acts[:, channel]
             stats = entry.stats
             assert stats.mean == pytest.approx(values.mean(), rel=1e-4, abs=1e-6)
             assert stats.fire_rate == pytest.approx((values > 0).mean(), rel=1e-5)
             assert stats.image_rate == pytest.approx((best > 0).mean(), rel=1e-5)
             assert stats.max == pytest.approx(best.max(), rel=1e-5)
+
+
+def test_saturated_channels_are_ranked_by_the_pre_activation() -> None:
+    """ReLU6: every image reaches 6.0; the unit and image that went furthest past it win."""
+    running = RunningTop(channels=1, top=2, positions=3)
+    pre = np.array([[7.0, 5.0, 6.5], [2.0, 9.0, 6.0], [8.0, 8.5, 1.0]], np.float32)  # image x unit
+    summaries = [RunningTop.summarise(np.clip(p, 0, 6).reshape(1, 1, 3), p.reshape(1, 1, 3), 1) for p in pre]
+    running.merge(summaries[:1], [0])
+    running.merge(summaries[1:], [1, 2])
+    assert running.images.tolist() == [[1, 2]] and running.units.tolist() == [[1, 1]]
+    assert running.values.tolist() == [[6.0, 6.0]]
 
 
 def test_patches_are_the_receptive_fields_cut_from_the_picture(model: Path, images: list[ImageSource], tmp_path: Path) -> None:
