@@ -38,7 +38,7 @@ from ..graph.loader import NormalizedModel
 from ..preprocess import Preprocessing, preprocess
 from .effective import effective_fields
 from .images import ImageSource
-from .receptive import ReceptiveField, receptive_fields
+from .receptive import ReceptiveField, image_axes, receptive_fields
 from .sheets import KeptLayer, SheetLayout, write_layers
 from .store import FORMAT, Atlas, write_index
 
@@ -170,6 +170,10 @@ def build_atlas(
     infos = [compiled.layer(name) for name in layers] if layers else explainer.layer_infos()
     names = [info.name for info in infos]
     image = explainer.inputs[0].name
+    axes = image_axes(compiled.nm, image)
+    if axes is None:
+        raise invalid("model", f"input '{image}' of shape {list(compiled.nm.inputs[image])} is not an image")
+    picture_hw = compiled.nm.inputs[image][axes[0]], compiled.nm.inputs[image][axes[1]]
     fields = receptive_fields(compiled.nm, names, image)
     ranking = ranking_tensors(compiled.nm, names)
     tapped = list(dict.fromkeys([*names, *ranking.values()]))
@@ -217,7 +221,7 @@ def build_atlas(
                                     effective) if effective is not None and analysable else {}
     kept = [KeptLayer(info, running.images, running.units, running.values, [running.stats(c) for c in range(info.channels)],
                       fields[info.name], effective_of.get(info.name)) for info, running in zip(infos, state.tops)]
-    layers = write_layers(directory, kept, images, preprocessing, SheetLayout(top, patch_size, rows_per_sheet))
+    layers = write_layers(directory, kept, images, preprocessing, picture_hw, SheetLayout(top, patch_size, rows_per_sheet))
     index = {"format": FORMAT, "model": {"name": explainer.name, "sha256": digest}, "preprocessing": preprocessing.to_dict(),
              "top": top, "patch_size": patch_size, "effective_mass": effective,
              "images": {"count": state.tops[0].count, "skipped": state.skipped}, "layers": layers}

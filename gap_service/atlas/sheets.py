@@ -71,9 +71,9 @@ def cut_patch(picture: np.ndarray, box: Box, size: int) -> np.ndarray:
 
 
 def write_layers(directory: Path, kept: Sequence[KeptLayer], images: Sequence[ImageSource], preprocessing: Preprocessing,
-                 layout: SheetLayout) -> list[dict[str, Any]]:
+                 picture_hw: tuple[int, int], layout: SheetLayout) -> list[dict[str, Any]]:
     """Every layer's sprite sheets in ``directory``; the layers' part of the index."""
-    height, width = preprocessing.output_hw
+    height, width = picture_hw
     bases = np.cumsum([0] + [layer.images.size * layout.cell_bytes for layer in kept])
     jobs: dict[int, list[tuple[int, Box]]] = defaultdict(list)  # image -> (scratch offset, box)
     layers = []
