@@ -155,6 +155,7 @@ def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision, a
 
 
 def require_layers(layers: list[LayerInfo], decision: Decision) -> list[LayerInfo]:
+    """The default layers, or why there are none (candidates may be empty: plain VJPs work without)."""
     if not layers:
         raise InvalidModelError(
             f"no 4-D feature maps (batch 1, spatial size > 1) feed the decision tensor '{decision.logits}': "

@@ -500,6 +500,17 @@ def op_hard_swish(ctx: NodeContext, x: Tensor) -> Tensor:
     return x * torch.clamp(x / 6.0 + 0.5, 0.0, 1.0)
 
 
+@_register("Mish")
+def op_mish(ctx: NodeContext, x: Tensor) -> Tensor:
+    return x * torch.tanh(F.softplus(x))
+
+
+@_register("Gelu")
+def op_gelu(ctx: NodeContext, x: Tensor) -> Tensor:
+    approximate = ctx.attr("approximate", "none")
+    return F.gelu(x, approximate=approximate.decode() if isinstance(approximate, bytes) else approximate)
+
+
 @_register("Clip")
 def op_clip(ctx: NodeContext, x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
     """Clip: bounds are attributes before opset 11, optional scalar inputs from opset 11."""

@@ -7,6 +7,7 @@ from typing import Any
 
 
 def window_attrs(attrs: Mapping[str, Any], spatial: int, kernel: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Strides and dilations of a window op, 1 along each spatial axis unless given."""
     strides = list(attrs.get("strides", [1] * spatial))
     dilations = list(attrs.get("dilations", [1] * spatial))
     return strides, dilations

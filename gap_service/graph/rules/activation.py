@@ -1,4 +1,10 @@
-"""Pointwise activations: dx = dy * f'(x), with f' written from the forward input x or output y."""
+"""Pointwise activations: dx = dy * f'(x), with f' written from the forward input x or output y.
+
+Mish: y = x t with t = tanh(softplus(x)), so f' = t + x sigmoid(x) (1 - t^2).
+Gelu: y = x Phi(x), f' = Phi(x) + x phi(x) (Phi, phi: the normal CDF and density); with
+approximate="tanh", y = x (1 + t) / 2 with t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3), so
+f' = (1 + t) / 2 + x (1 - t^2) u' / 2 with u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..builder import GradBuilder, RuleError, Tensor
-from .table import Layout, OpEntry, no_rule, unary
+from .table import Layout, OpEntry, unary
 
 Derivative = Callable[[GradBuilder, gs.Node, Tensor, Tensor], Tensor]
 
@@ -68,6 +74,32 @@ def _hard_swish(b: GradBuilder, node: gs.Node, x: Tensor, y: Tensor) -> Tensor:
     return b.where(b.op("Less", [x, np.float32(-3)]), np.float32(0), upper)
 
 
+def _mish(b: GradBuilder, node: gs.Node, x: Tensor, y: Tensor) -> Tensor:
+    t = b.op("Tanh", [b.op("Softplus", [x])])
+    one_minus_t2 = b.op("Sub", [np.float32(1), b.mul(t, t)])
+    return b.op("Add", [t, b.mul(b.mul(x, b.op("Sigmoid", [x])), one_minus_t2)])
+
+
+_GELU_K = np.float32(np.sqrt(2 / np.pi))
+_GELU_C = np.float32(0.044715)
+
+
+def _gelu(b: GradBuilder, node: gs.Node, x: Tensor, y: Tensor) -> Tensor:
+    approximate = node.attrs.get("approximate", "none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    if approximate == "tanh":
+        x2 = b.mul(x, x)
+        t = b.op("Tanh", [b.mul(b.op("Add", [x, b.mul(b.mul(x2, x), _GELU_C)]), _GELU_K)])
+        du = b.mul(b.op("Add", [np.float32(1), b.mul(x2, 3 * _GELU_C)]), _GELU_K)
+        slope = b.mul(b.mul(x, b.op("Sub", [np.float32(1), b.mul(t, t)])), du)
+        return b.mul(b.op("Add", [b.op("Add", [np.float32(1), t]), slope]), np.float32(0.5))
+    if approximate != "none":
+        raise RuleError(f"Gelu approximate='{approximate}' is not supported")
+    cdf = b.mul(b.op("Add", [np.float32(1), b.op("Erf", [b.mul(x, np.float32(1 / np.sqrt(2)))])]), np.float32(0.5))
+    density = b.mul(b.op("Exp", [b.mul(b.mul(x, x), np.float32(-0.5))]), np.float32(1 / np.sqrt(2 * np.pi)))
+    return b.op("Add", [cdf, b.mul(x, density)])
+
+
 OPS = {
     "Relu": pointwise(lambda b, n, x, y: b.to_float(_positive(b, y))),
     "LeakyRelu": pointwise(lambda b, n, x, y: b.where(_positive(b, x), np.float32(1), _attr(n, "alpha", 0.01))),
@@ -92,6 +124,6 @@ OPS = {
     "Abs": pointwise(lambda b, n, x, y: b.op("Sign", [x])),
     "Sqrt": pointwise(lambda b, n, x, y: b.op("Div", [np.float32(0.5), y])),
     "Neg": pointwise(lambda b, n, x, y: b.const(np.float32(-1))),
-    "Mish": no_rule(Layout.ELEMENTWISE),
-    "Gelu": no_rule(Layout.ELEMENTWISE),
+    "Mish": pointwise(_mish),
+    "Gelu": pointwise(_gelu),
 }
