@@ -88,7 +88,8 @@ def gradient_support(net: nn.Module, unit: tuple[int, int], channel: int = 0) ->
 def linear_net() -> nn.Module:
     """No non-linearity and positive weights: every pixel of the field has a non-zero gradient."""
     torch.manual_seed(0)
-    net = sequential(conv(3, 2, 1), nn.AvgPool2d(2, 1), conv(3, 1, 2, 2), nn.BatchNorm2d(3), conv(5, 2, 2), nn.AvgPool2d(3, 2, 1))
+    net = sequential(conv(3, 2, 1), nn.AvgPool2d(2, 1), conv(3, 1, 2, 2), nn.BatchNorm2d(3), conv(5, 2, 2),
+                     nn.AvgPool2d(3, 2, 1))
     with torch.no_grad():
         for p in net.parameters():
             p.uniform_(0.1, 1.0)

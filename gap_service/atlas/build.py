@@ -95,7 +95,8 @@ class RunningTop:
         maps, keys = (np.moveaxis(a[0], channel_axis - 1, 0).reshape(a.shape[channel_axis], -1) for a in (activation, key))
         unit = keys.argmax(axis=1)
         rows = np.arange(len(maps))
-        return ImageSummary(maps.sum(axis=1, dtype=np.float64), (maps > 0).sum(axis=1), maps[rows, unit], keys[rows, unit], unit)
+        return ImageSummary(maps.sum(axis=1, dtype=np.float64), (maps > 0).sum(axis=1), maps[rows, unit], keys[rows, unit],
+                            unit)
 
     def merge(self, summaries: Sequence[ImageSummary], images: Sequence[int]) -> None:
         """Fold a batch in, in image order (float sums then do not depend on batch boundaries)."""
@@ -111,7 +112,8 @@ class RunningTop:
                                for mine, attribute in ((self.values, "best"), (self.keys, "key"), (self.units, "unit")))
         ids = np.concatenate([self.images, np.broadcast_to(np.asarray(images, np.int64), (len(values), len(images)))], axis=1)
         order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), -keys), axis=1)[:, :top]
-        self.values, self.keys, self.images, self.units = (np.take_along_axis(a, order, axis=1) for a in (values, keys, ids, units))
+        self.values, self.keys, self.images, self.units = (np.take_along_axis(a, order, axis=1)
+                                                           for a in (values, keys, ids, units))
 
     def stats(self, channel: int) -> dict[str, float]:
         count = max(self.count, 1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def effective_fields(explainer: Explainer, fields: Mapping[str, ReceptiveField],
         plane = np.moveaxis(gradient, axes, (0, 1)).reshape(gradient.shape[axes[0]], gradient.shape[axes[1]], -1).sum(-1)
         row, col = (centre[1], centre[0]) if field.transposed else centre
         side = _side(plane, _middle(field.rows, row), _middle(field.cols, col), mass)
-        result[name] = ReceptiveField(_shrink(field.rows, side), _shrink(field.cols, side), field.global_context, field.transposed)
+        result[name] = replace(field, rows=_shrink(field.rows, side), cols=_shrink(field.cols, side))
     return result
 
 

@@ -35,7 +35,8 @@ def folder_images(folder: str | Path) -> list[ImageSource]:
     root = Path(folder)
     if not root.is_dir():
         raise invalid("images", f"{root} is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     return [ImageSource(p.relative_to(root).as_posix(), _decoder(p)) for p in files]
 
 
@@ -65,9 +66,9 @@ def with_crops(images: Sequence[ImageSource], crops: int, seed: int = 0) -> list
     original = functools.lru_cache(maxsize=1)(lambda index: images[index].load())
     result: list[ImageSource] = []
     for index, source in enumerate(images):
-        result.append(ImageSource(source.name, functools.partial(original, index)))
-        result.extend(ImageSource(f"{source.name}#crop{k:02d}", _crop_loader(functools.partial(original, index), source.name, seed, k))
-                      for k in range(crops))
+        load = functools.partial(original, index)
+        result.append(ImageSource(source.name, load))
+        result.extend(ImageSource(f"{source.name}#crop{k:02d}", _crop_loader(load, source.name, seed, k)) for k in range(crops))
     return result
 
 

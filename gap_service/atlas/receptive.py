@@ -37,6 +37,7 @@ WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 GLOBAL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 KEEP_OPS = ELEMENTWISE | {"BatchNormalization", "LRN"}
 CHANNEL_WISE_OPS = frozenset({"Concat", "Slice", "Split"})  # fine unless they cut a spatial axis
+NO_PIXELS = frozenset({"Shape", "Size"})  # their outputs describe a tensor, not its content
 
 Box = tuple[int, int, int, int]  # top, left, bottom, right (bottom/right exclusive), in input pixels
 
@@ -104,7 +105,8 @@ _IDENTITY = AxisField(1, 1, 0)
 _Field = _TensorField | NotAnalysable
 
 
-def receptive_fields(nm: NormalizedModel, names: Sequence[str], image_input: str | None = None) -> dict[str, ReceptiveField | NotAnalysable]:
+def receptive_fields(nm: NormalizedModel, names: Sequence[str],
+                     image_input: str | None = None) -> dict[str, ReceptiveField | NotAnalysable]:
     """The receptive field of every tensor in ``names`` on the image input (default: the first input)."""
     graph = nm.graph()
     image = image_input or next(iter(nm.inputs))
@@ -114,7 +116,7 @@ def receptive_fields(nm: NormalizedModel, names: Sequence[str], image_input: str
     fields: dict[str, _Field] = {image: _TensorField({spatial[0]: (0, _IDENTITY), spatial[1]: (1, _IDENTITY)})}
     for node in graph.nodes:
         data = [t for t in node.inputs if not isinstance(t, gs.Constant) and t.name in fields]
-        if not data:
+        if not data or node.op in NO_PIXELS:
             continue  # no pixels flow through it (weights, shapes, other inputs)
         result = _propagate(node, data, fields, nm)
         for out in node.outputs:
@@ -197,8 +199,8 @@ def _extent(shape: Sequence[int]) -> int:
 def _cut_axes(node: gs.Node, nm: NormalizedModel) -> set[int]:
     rank = len(nm.shapes[node.inputs[0].name])
     if node.op == "Slice":
-        axes = node.inputs[3].values.tolist() if len(node.inputs) > 3 and isinstance(node.inputs[3], gs.Constant) else list(range(rank))
-        return {int(a) % rank for a in axes}
+        given = len(node.inputs) > 3 and isinstance(node.inputs[3], gs.Constant)
+        return {int(a) % rank for a in (node.inputs[3].values.tolist() if given else range(rank))}
     return {int(node.attrs.get("axis", 0)) % rank}
 
 

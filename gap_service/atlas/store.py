@@ -169,7 +169,7 @@ class Atlas:
         patches = tuple(Patch(p["image"], tuple(p["unit"]), tuple(p["box"]), float(p["activation"])) for p in data["patches"])
         size, sheet = self.patch_size, info.sheets[data["sheet"]]
         row = self._sheet(sheet)[data["row"] * size : (data["row"] + 1) * size]
-        pixels = np.stack([row[:, k * size : (k + 1) * size] for k in range(len(patches))]) if patches else np.zeros((0, size, size, 3), np.uint8)
+        pixels = np.ascontiguousarray(row[:, : len(patches) * size].reshape(size, len(patches), size, 3).transpose(1, 0, 2, 3))
         return ChannelEntry(layer, channel, ChannelStats(**data["stats"]), patches, pixels, self.directory / sheet, data["row"])
 
     def _read_sheet(self, name: str) -> np.ndarray:
