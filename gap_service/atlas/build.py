@@ -207,7 +207,7 @@ def build_atlas(
             for running, batch_summaries in zip(state.tops, summaries):
                 running.merge(batch_summaries, ids)
             state.done = first + len(chunk)
-            if state.done - saved >= checkpoint_every and state.done < len(images):
+            if state.done - saved >= checkpoint_every:
                 _save(directory / CHECKPOINT, key, state)
                 saved = state.done
             if on_progress:
@@ -217,7 +217,9 @@ def build_atlas(
             _save(directory / CHECKPOINT, key, state)
         raise
     if state.tops[0].count == 0:
-        raise invalid("images", f"none of the {len(images)} images could be read: {state.skipped[:3]}")
+        raise invalid("images", f"none of the {len(images)} images could be read; the first: {state.skipped[0]['reason']}")
+    if state.done > saved:  # an interruption while the sheets are written resumes straight at them
+        _save(directory / CHECKPOINT, key, state)
     analysable = {name: f for name, f in fields.items() if isinstance(f, ReceptiveField)}
     effective_of = effective_fields(explainer, analysable, _sample_tensors(images, preprocessing, EFFECTIVE_IMAGES),
                                     effective) if effective is not None and analysable else {}
