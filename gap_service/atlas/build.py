@@ -157,7 +157,7 @@ def build_atlas(
     effective: float | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> Atlas:
-    """Build (or resume) the atlas of ``layers`` (default: the explainer's) into ``out_dir``.
+    """Build (or resume) the atlas of ``layers`` (default: the explainer's default layers) into ``out_dir``.
 
     ``digest`` is the sha256 of the model file the explainer was made from (``file_digest``):
     the atlas is tied to it. Unreadable images are skipped and listed in the index. Patch boxes
@@ -169,7 +169,8 @@ def build_atlas(
     if effective is not None and not 0 < effective <= 1:
         raise invalid("effective", f"{effective} is not a fraction in (0, 1]")
     compiled = explainer.compiled()
-    infos = [compiled.layer(name) for name in layers] if layers else explainer.layer_infos()
+    chosen = layers or explainer.default_layers
+    infos = [compiled.layer(name) for name in chosen] if chosen else explainer.layer_infos()
     names = [info.name for info in infos]
     image = explainer.inputs[0].name
     axes = image_axes(compiled.nm, image)

@@ -62,16 +62,15 @@ def run(args: argparse.Namespace) -> int:
     shapes = input_shapes(args, [s.name for s in Explainer(path).inputs]) if args.input_shape else (
         config.input_shape if config else None)
     explainer = Explainer(path, input_shapes=shapes, output=config.output if config else None,
-                          name=config.name if config else path.stem)
+                          name=config.name if config else path.stem, layers=config.layers if config else None)
     images = with_crops(folder_images(args.images), args.crops or 0) if args.images else reference_set(
         15 if args.crops is None else args.crops)
     out = Path(args.out) if args.out else atlas_dir_for(path)
-    layers = parse_layers(args.layers) or (list(config.layers) if config and config.layers else None)
     progress = ProgressLine()
     started = time.perf_counter()
-    atlas = build_atlas(explainer, images, preprocessing, out, digest=file_digest(path), layers=layers, top=args.top,
-                        batch=args.batch, patch_size=args.patch_size, checkpoint_every=args.checkpoint_every,
-                        effective=args.effective, on_progress=progress)
+    atlas = build_atlas(explainer, images, preprocessing, out, digest=file_digest(path), layers=parse_layers(args.layers),
+                        top=args.top, batch=args.batch, patch_size=args.patch_size,
+                        checkpoint_every=args.checkpoint_every, effective=args.effective, on_progress=progress)
     elapsed = time.perf_counter() - started
     scan = progress.last.elapsed if progress.last else 0.0
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
