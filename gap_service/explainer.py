@@ -7,11 +7,14 @@ sessions, the engine) is an implementation detail.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +31,9 @@ from .options import ExplainOptions
 from .prediction import DEFAULT_TOP_CLASSES, Prediction, top_classes
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
+
+if TYPE_CHECKING:
+    from .atlas import Atlas
 
 MAX_SPECIALISATIONS = 4
 
@@ -66,6 +72,7 @@ class Explainer:
     else CPU. ``labels``, ``preprocessing`` (for encoded images) and ``layers`` (the default
     chain) usually come from the model's config.json; ``fixed_shapes`` makes the configured input
     shapes the only ones accepted (a served model compiles once, whatever clients send).
+    ``atlas_dir`` says where the model's channel atlas is (default: ``atlas/`` beside the file).
     """
 
     def __init__(
@@ -83,8 +90,13 @@ class Explainer:
         layers: Sequence[str] | None = None,
         fixed_shapes: bool = False,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        atlas_dir: str | os.PathLike | None = None,
     ) -> None:
         self._proto = read_model(model_path_or_bytes)
+        self._model_path = Path(model_path_or_bytes) if isinstance(model_path_or_bytes, (str, os.PathLike)) else None
+        self._atlas_dir = atlas_dir
+        self._atlas: Atlas | None = None
+        self._atlas_lock = threading.Lock()
         self.name = name or self._proto.graph.name or "model"
         self.inputs: list[InputSpec] = input_specs(self._proto)
         self.labels = tuple(labels)
@@ -152,6 +164,29 @@ class Explainer:
             labels=self.labels, preprocessing=self.preprocessing, input_hw=engine.input_hw(compiled),
             providers=compiled.providers,
         )
+
+    def atlas(self, required: bool = False) -> Atlas | None:
+        """The model's channel atlas (docs/atlas.md: what each channel responds to), loaded on first
+        use and kept; None while none is built, or with ``required`` the AtlasNotFoundError that says
+        how to build one. Absence is not cached, so a server finds an atlas built after it started.
+
+        An atlas made for another model file raises AtlasMismatchError rather than being ignored:
+        its patches would describe another model's channels. Only a model given as a path has one,
+        since an atlas is tied to the file's digest.
+        """
+        from .atlas import AtlasNotFoundError, load_atlas  # atlas/ builds on this module: imported late
+
+        with self._atlas_lock:
+            if self._atlas is None:
+                try:
+                    if self._model_path is None:
+                        raise AtlasNotFoundError(f"model '{self.name}' was given as bytes: only a model file has a "
+                                                 "channel atlas, so load it from its path")
+                    self._atlas = load_atlas(self._model_path, self._atlas_dir)
+                except AtlasNotFoundError:
+                    if required:
+                        raise
+            return self._atlas
 
     # -- predictions and explanations ---------------------------------------------------------------
     def predict(self, inputs: Inputs, top_k: int = DEFAULT_TOP_CLASSES) -> Prediction:
