@@ -174,7 +174,7 @@ class CompiledModel:
         the side inputs of each pair, so the first forward session already serves them."""
         decision = self.decision
         chain = [decision.logits, *(info.name for info in self._default_layers)]
-        names = {decision.logits, *chain, *([decision.probabilities] if decision.probabilities else [])}
+        names = {*chain, *([decision.probabilities] if decision.probabilities else [])}
         for upper, lower in zip(chain[:-1], chain[1:]):
             names.update(self.state_names(upper, lower))
         return frozenset(names - set(self.nm.inputs))

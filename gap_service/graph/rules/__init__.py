@@ -17,6 +17,7 @@ UNKNOWN = OpEntry(None, (0,))  # an op not in the table: no facts, no rule
 
 
 def entry(op: str) -> OpEntry:
+    """The op's entry; ops the table does not know get ``UNKNOWN`` (unsupported on a path)."""
     return OPS.get(op, UNKNOWN)
 
 
