@@ -7,6 +7,10 @@
         for level, nodes in client.explain_stream("ppocr_cls", image="line.png"):
             ...
 
+    # TLS (the server's CA), mTLS (a client certificate) and an API key: docs/security.md
+    GapClient("gap.example.com:8443", root_certificates=Path("ca.crt"), client_cert=Path("client.crt"),
+              client_key=Path("client.key"), token=os.environ["GAP_TOKEN"])
+
 ``explain`` and ``expand`` return ``gap_service.explanation.Explanation`` objects rebuilt from
 the response (maps from the raw tensors), so everything that works on a local explanation (the
 HTML report, ``path``, ``upsampled``) works on a remote one. The raw stub is ``client.stub``.
@@ -130,6 +134,30 @@ CLIENT_OPTIONS = [
 ]
 
 ImageSource = bytes | str | Path
+Pem = bytes | str | Path  # PEM contents (bytes), or the path of a PEM file
+
+
+def _pem(value: Pem | None) -> bytes | None:
+    return value if value is None or isinstance(value, bytes) else Path(value).read_bytes()
+
+
+def channel_credentials(*, tls: bool = False, root_certificates: Pem | None = None, client_cert: Pem | None = None,
+                        client_key: Pem | None = None, token: str | None = None) -> grpc.ChannelCredentials | None:
+    """The credentials of a channel to gap-service, or None for plaintext (docs/security.md).
+
+    Any argument means TLS: the server's certificate is checked against ``root_certificates`` (default:
+    the system's roots); ``client_cert`` and ``client_key`` answer a server that requires mTLS;
+    ``token``, an API key, goes as ``authorization: Bearer`` with every call, over TLS only (gRPC never
+    sends call credentials in cleartext).
+    """
+    if not (tls or root_certificates or client_cert or client_key or token):
+        return None
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together (mTLS)")
+    credentials = grpc.ssl_channel_credentials(_pem(root_certificates), _pem(client_key), _pem(client_cert))
+    if token:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return credentials
 
 
 @dataclass
@@ -170,16 +198,26 @@ class GapClient:
     """A connection to a gap-service server; thread-safe; close() or use as a context manager."""
 
     def __init__(self, target: str, *, timeout: float | None = 120.0, channel: grpc.Channel | None = None,
-                 options: Sequence[tuple[str, object]] = (), balance: bool = False, replays: int = 2) -> None:
+                 options: Sequence[tuple[str, object]] = (), balance: bool = False, replays: int = 2,
+                 tls: bool = False, root_certificates: Pem | None = None, client_cert: Pem | None = None,
+                 client_key: Pem | None = None, token: str | None = None) -> None:
         """``target``: HOST:PORT, or several (``ipv4:a:1,b:2``, ``dns:///name:port``) with
         ``balance=True`` for client-side round_robin over healthy replicas. ``replays``: extra
-        attempts of a unary call after a ``retryable`` failure (on top of the channel's policy)."""
+        attempts of a unary call after a ``retryable`` failure (on top of the channel's policy).
+        ``tls``, ``root_certificates``, ``client_cert``, ``client_key``, ``token``: see
+        ``channel_credentials`` (plaintext when none is given)."""
         self.target = target
         self.timeout = timeout
         self.replays = replays
         merged = dict([*CLIENT_OPTIONS, *channel_options(round_robin=balance, health_check=balance)])
         merged.update(dict(options))  # the caller's options win over the defaults, key by key
-        self.channel = channel or grpc.insecure_channel(target, options=list(merged.items()))
+        credentials = channel_credentials(tls=tls, root_certificates=root_certificates, client_cert=client_cert,
+                                          client_key=client_key, token=token)
+        if channel is None:
+            settings = list(merged.items())
+            channel = (grpc.secure_channel(target, credentials, options=settings) if credentials
+                       else grpc.insecure_channel(target, options=settings))
+        self.channel = channel
         self.stub = pb.service_grpc.GapServiceStub(self.channel)
 
     explain_request = staticmethod(explain_request)

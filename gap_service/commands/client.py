@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..errors import GapError, invalid
 from .common import add_explain_options, explain_options, print_summary, write_outputs
 
 DEFAULT_SERVER = "localhost:50051"
+TOKEN_ENV = "GAP_TOKEN"  # the API key, when --token-file is not given (never on the command line: ps shows it)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub = actions.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--server", default=DEFAULT_SERVER, metavar="HOST:PORT", help=f"server address (default {DEFAULT_SERVER})")
         sub.add_argument("--timeout", type=float, default=120.0, help="deadline of each call in seconds (default 120)")
+        security = sub.add_argument_group("security (docs/security.md)")
+        security.add_argument("--tls", action="store_true", help="connect with TLS, checking the server against the system's CAs")
+        security.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS, checking the server against this CA instead")
+        security.add_argument("--tls-cert", type=Path, metavar="PEM", help="mTLS: this client certificate (with --tls-key)")
+        security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+        security.add_argument("--token-file", type=Path, metavar="FILE",
+                              help=f"send the API key in FILE (default: ${TOKEN_ENV} when set; implies TLS)")
         return sub
 
     add("health", "print the server's grpc.health.v1 status")
@@ -62,12 +71,26 @@ def _input(path_text: str) -> dict:
     return {"image": path.read_bytes()}
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        return os.environ.get(TOKEN_ENV) or None
+    try:
+        return args.token_file.read_text().strip()
+    except OSError as exc:
+        raise invalid("--token-file", f"cannot read {args.token_file}: {exc.strerror or exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     import grpc
 
     from ..client import GapClient, bad_request
 
-    with GapClient(args.server, timeout=args.timeout) as client:
+    try:
+        client = GapClient(args.server, timeout=args.timeout, tls=args.tls, root_certificates=args.tls_ca,
+                           client_cert=args.tls_cert, client_key=args.tls_key, token=_token(args))
+    except (OSError, ValueError) as exc:  # a certificate file that cannot be read; a cert without its key
+        raise GapError(f"cannot set up the connection: {exc}") from exc
+    with client:
         try:
             return ACTIONS[args.action](client, args)
         except grpc.RpcError as exc:

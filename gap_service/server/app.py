@@ -19,15 +19,17 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import message_factory
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..repository import BUNDLED_REPOSITORY
 from ..runtime import CUDA, RuntimeConfig, available_providers
 from ..wire import pb
+from . import reflection
 from .errors import RpcGuard, lenient_deserializer
 from .health import Health
 from .limits import ServerLimits
 from .metrics import Metrics
+from .security import AuthInterceptor, TlsFiles, api_keys
 from .servicer import GapServicer
 from .store import ModelStore
 
@@ -40,10 +42,14 @@ CHEAP_RPC_THREADS = 32  # threads left for ListModels/GetModel/health while ever
 @dataclass
 class ServeConfig:
     repository: Path = BUNDLED_REPOSITORY
-    host: str = "[::]"
+    host: str = "127.0.0.1"  # local runs stay local; the images and Kubernetes bind all interfaces explicitly
     port: int = 50051
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090  # 0: a free port; negative: no metrics server
+    health_port: int = -1  # a plaintext grpc.health.v1-only port for probes that cannot speak TLS; negative: none
+    tls: TlsFiles | None = None  # TLS on the gRPC port (mTLS when it has a client CA)
+    api_keys: str | None = None  # a JSON key file or env:NAME: every GapService call needs a key
+    reflection: bool = True
     models: tuple[str, ...] = ()
     limits: ServerLimits = field(default_factory=ServerLimits)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -78,6 +84,18 @@ def server_options(limits: ServerLimits, max_response_bytes: int) -> list[tuple[
         ("grpc.max_connection_age_grace_ms", 5 * 60_000),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def _bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if not bound:
+        raise OSError(f"cannot listen on {address}")
+    return bound
+
+
+def _tls_mode(tls: TlsFiles | None) -> str:
+    return "off" if tls is None else "mtls" if tls.client_ca else "tls"
 
 
 class Lifecycle:
@@ -131,7 +149,9 @@ class GapServer:
         self.lifecycle.metrics = self.metrics
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._server: grpc.Server | None = None
+        self._health_server: grpc.Server | None = None
         self._stopped = threading.Event()
 
     def start(self) -> int:
@@ -145,27 +165,36 @@ class GapServer:
         self._workers = workers
         bound = max(m.response_bytes_bound(limits.max_tree_nodes) for m in self.store.prepared.values())
         self._max_response = min(bound, MAX_GRPC_MESSAGE)
+        keys = api_keys(config.api_keys) if config.api_keys else None  # a bad key file stops the start
+        credentials = config.tls.credentials() if config.tls else None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gap-rpc"),
             options=server_options(limits, self._max_response),
             maximum_concurrent_rpcs=workers,
+            interceptors=[AuthInterceptor(keys, self.metrics)] if keys else [],
         )
         self._server = server
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         self._servicer = None
         server.add_generic_rpc_handlers((self._handlers(),))
-        reflection.enable_server_reflection(
-            (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+        if config.reflection:
+            reflection.enable(server, (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        self.port = _bind(server, config.host, config.port, credentials)
+        if config.health_port >= 0:
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="gap-health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
+            self.health_port = _bind(self._health_server, config.host, config.health_port, None)
+            self._health_server.start()
         server.start()
         if config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host)
+        if keys and not config.tls:
+            log.warning("API keys without TLS: keys and requests travel in cleartext (fine behind a TLS-terminating "
+                        "proxy or mesh on a trusted network only)")
         log.info("listening", extra={"fields": {
-            "host": config.host, "port": self.port, "metrics_port": self.metrics_port,
+            "host": config.host, "port": self.port, "metrics_host": config.metrics_host, "metrics_port": self.metrics_port,
+            "health_port": self.health_port, "tls": _tls_mode(config.tls), "api_keys": bool(keys),
+            "reflection": config.reflection,
             "repository": str(config.repository), "max_concurrent": limits.max_concurrent, "max_queue": limits.max_queue,
             "threads": config.runtime.threads, "grpc_workers": workers,
         }})
@@ -223,6 +252,8 @@ class GapServer:
         remaining = max(0.0, grace - (time.monotonic() - started))
         if self._server is not None:
             self._server.stop(remaining).wait()
+        if self._health_server is not None:  # probes saw NOT_SERVING until now
+            self._health_server.stop(0).wait()
         self.metrics.stop()
         self._stopped.set()
         log.info("stopped", extra={"fields": {"clean": finished, "seconds": round(time.monotonic() - started, 3)}})

@@ -32,8 +32,11 @@ def json_lines(text: str) -> list[dict]:
 class ServerProcess:
     """A server on 127.0.0.1 with a free gRPC and metrics port; logs go to ``log_path``."""
 
-    def __init__(self, args: list[str] | tuple[str, ...] = (), startup_timeout: float = 120.0, env: dict | None = None) -> None:
+    def __init__(self, args: list[str] | tuple[str, ...] = (), startup_timeout: float = 120.0, env: dict | None = None,
+                 client: dict | None = None) -> None:
+        """``client``: GapClient arguments for the start-up health check (a TLS server's CA, ...)."""
         self.args = list(args)
+        self.client = dict(client or {})
         self.startup_timeout = startup_timeout
         self.env = env
         self.process: subprocess.Popen | None = None
@@ -68,7 +71,7 @@ class ServerProcess:
     def _wait_health(self, deadline: float) -> None:
         from ..client import GapClient
 
-        with GapClient(self.address) as client:
+        with GapClient(self.address, **self.client) as client:
             client.wait_until_serving(max(1.0, deadline - time.monotonic()))
 
     def log_text(self) -> str:
