@@ -86,7 +86,8 @@ def fit_size(hw: Sequence[int], base: int, max_ratio: float = 2.0) -> tuple[int,
     return max(int(round(out_h * shrink)), 1), max(int(round(out_w * shrink)), 1)
 
 
-def _resize(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+def resize(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 at ``hw`` (Lanczos: thumbnails and atlas patches are downscaled)."""
     if rgb.shape[:2] == tuple(hw):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((hw[1], hw[0]), Image.Resampling.LANCZOS))
@@ -101,7 +102,7 @@ class Thumbnails:
 
     def __init__(self, picture: np.ndarray, hw: tuple[int, int]) -> None:
         self.hw = hw
-        self.base = _resize(picture, hw)
+        self.base = resize(picture, hw)
 
     def overlay(self, heat: np.ndarray) -> np.ndarray:
         heat = np.asarray(heat, dtype=np.float32)

@@ -1,7 +1,8 @@
 """The HTML report: this module prepares the data, ``templates/report.html.j2`` lays it out.
 
 The page is one self-contained file: the CSS and JS in ``static/`` are inlined at render time
-and every image is a ``data:`` URI, so it opens offline and can be mailed around.
+and every image is a ``data:`` URI, so it opens offline and can be mailed around. Given the model's
+channel atlas, each node also shows its channel's top patches (:mod:`.patches`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from importlib import resources
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
+from ..atlas import Atlas
 from ..colors import colorbar, data_uri
 from ..explanation import Explanation, Node
 from .labels import LEVEL_COLOURS, decision_text, format_number, format_share, short_name
 from .overlay import Thumbnails, fit_size, picture_of, stretch
+from .patches import GAP, ChannelPatches, channel_patches, grid_shape, grid_size
 
 THUMB = 144  # px, tree thumbnails
 PANEL = 192  # px, header panels
@@ -32,6 +35,7 @@ class NodeView:
     path: str  # channel path from the decision, for the tooltip
     children: list[NodeView]
     hidden: int  # children cut off by max_nodes
+    patches: ChannelPatches | None  # its channel's atlas entry, when the report has an atlas covering it
 
     @property
     def kind(self) -> str:
@@ -92,11 +96,13 @@ def _shown_nodes(explanation: Explanation, max_nodes: int) -> set[int]:
     return shown
 
 
-def _node_view(explanation: Explanation, node: Node, thumbs: Thumbnails, shown: set[int]) -> NodeView:
-    children = [_node_view(explanation, explanation.nodes[c], thumbs, shown) for c in node.children if c in shown]
+def _node_view(explanation: Explanation, node: Node, thumbs: Thumbnails, shown: set[int],
+               patches: dict[tuple[str, int], ChannelPatches]) -> NodeView:
+    children = [_node_view(explanation, explanation.nodes[c], thumbs, shown, patches) for c in node.children if c in shown]
     heat = stretch(node.map) if node.parent is None else node.map
     path = " \u2192 ".join(str(c) for c in explanation.path(node.id)) or "decision"
-    return NodeView(node, data_uri(thumbs.overlay(heat)), path, children, len(node.children) - len(children))
+    return NodeView(node, data_uri(thumbs.overlay(heat)), path, children, len(node.children) - len(children),
+                    patches.get((node.layer, node.channel)) if node.parent is not None else None)
 
 
 def _level_rows(explanation: Explanation) -> list[LevelRow]:
@@ -122,27 +128,36 @@ def _panels(explanation: Explanation, panels: Thumbnails) -> list[Panel]:
     return figures
 
 
-def render_html(explanation: Explanation, title: str | None = None, max_nodes: int = 400) -> str:
+def render_html(explanation: Explanation, title: str | None = None, max_nodes: int = 400,
+                atlas: Atlas | None = None) -> str:
     """The explanation as one self-contained HTML page (inline CSS and PNG data URIs, no network).
 
     Only the first ``max_nodes`` nodes are drawn, so a very wide or deep tree still gives a page
-    a browser opens; a note says how many were left out.
+    a browser opens; a note says how many were left out. With the model's ``atlas`` every node of
+    a layer it covers shows its channel's top patches, with the channel's statistics on hover.
     """
     picture = picture_of(explanation)
     shown = _shown_nodes(explanation, max_nodes)
     thumb_hw = fit_size(picture.shape[:2], THUMB)
     panel_hw = fit_size(picture.shape[:2], PANEL)
+    patches = channel_patches(atlas, [explanation.nodes[i] for i in sorted(shown)]) if atlas is not None else {}
+    rows, columns = grid_shape(atlas.top) if atlas is not None else (0, 0)
+    patches_w = grid_size(columns) + GAP if atlas is not None else 0
     return _TEMPLATE.render(
         explanation=explanation,
         title=title if title is not None else f"gAP explanation \u2014 {explanation.model}",
         decision=decision_text(explanation),
         thumb_hw=thumb_hw,
         panel_hw=panel_hw,
-        name_chars=thumb_hw[1] // 7,  # monospace characters that fit under a thumbnail
+        name_chars=(thumb_hw[1] + patches_w) // 7,  # monospace characters that fit under a thumbnail
         levels=_level_rows(explanation),
         panels=_panels(explanation, Thumbnails(picture, panel_hw)),
         colorbar=data_uri(colorbar()),
-        root=_node_view(explanation, explanation.root, Thumbnails(picture, thumb_hw), shown),
+        root=_node_view(explanation, explanation.root, Thumbnails(picture, thumb_hw), shown, patches),
+        atlas=atlas,
+        patch_grids=list(patches.values()),
+        patches_w=patches_w,
+        grid_hw=(grid_size(rows), grid_size(columns)),
         shown=len(shown),
         total=len(explanation.nodes),
         max_nodes=int(max_nodes),
