@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
+from ..atlas import Atlas, ChannelEntry
 from ..errors import invalid
 from ..methods import SCORE_MODES
 from ..options import ExplainOptions
 
 DEFAULTS = ExplainOptions()
+
+# A channel's atlas entry by (layer, channel), None where the atlas has none: the local atlas or the server's.
+ChannelLookup = Callable[[str, int], ChannelEntry | None]
 
 
 def parse_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
@@ -47,8 +52,9 @@ def explain_options(args: argparse.Namespace) -> ExplainOptions:
                           depth=args.depth, min_share=args.min_share, score=args.score)
 
 
-def print_summary(explanation, elapsed: float, source: str = "") -> None:
-    """The decision and its first-level evidence, one line each."""
+def print_summary(explanation, elapsed: float, source: str = "", channels: ChannelLookup | None = None) -> None:
+    """The decision and its first-level evidence, one line each; with the atlas's ``channels``, where
+    each level-1 channel's top patches are, so a reader can see what the channel responds to."""
     label = f" '{explanation.label}'" if explanation.label is not None else ""
     probability = f", p={explanation.probability:.3f}" if explanation.probability is not None else ""
     where = f" from {source}" if source else ""
@@ -56,15 +62,19 @@ def print_summary(explanation, elapsed: float, source: str = "") -> None:
           f"{len(explanation.nodes)} nodes in {elapsed:.2f} s{where}")
     for node in explanation.level(1):
         print(f"  {node.layer} channel {node.channel}: score {node.score:.4g}, share {node.share:.1%}")
+        entry = channels(node.layer, node.channel) if channels is not None else None
+        if entry is not None:
+            print(f"    top patches: {entry.sheet} row {entry.row} (mean activation {entry.stats.mean:.3g}, "
+                  f"fires at {entry.stats.fire_rate:.1%} of positions)")
 
 
-def write_outputs(explanation, args: argparse.Namespace) -> None:
-    """The JSON/HTML/PNG files that ``add_explain_options`` asked for."""
+def write_outputs(explanation, args: argparse.Namespace, atlas: Atlas | None = None) -> None:
+    """The JSON/HTML/PNG files that ``add_explain_options`` asked for (the HTML with ``atlas``'s patches)."""
     if not (args.html_out or args.png_out or args.json_out):
         return
     from ..report import write_report
 
-    write_report(explanation, html_path=args.html_out, png_path=args.png_out, json_path=args.json_out)
+    write_report(explanation, html_path=args.html_out, png_path=args.png_out, json_path=args.json_out, atlas=atlas)
     for out in (args.json_out, args.html_out, args.png_out):
         if out:
             print(f"wrote {out}")

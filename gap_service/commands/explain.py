@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atlas import Atlas, AtlasNotFoundError, ChannelEntry
 from ..errors import invalid
 from ..explainer import Explainer
 from ..explanation import Explanation, Node
 from ..preprocess import Preprocessing, decode_image, load_preprocessing, preprocess
 from ..repository import BUNDLED_REPOSITORY, ModelConfig
-from .common import add_explain_options, add_input_shape, explain_options, input_shapes, print_summary, write_outputs
+from .common import (ChannelLookup, add_explain_options, add_input_shape, explain_options, input_shapes, print_summary,
+                     write_outputs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     add_explain_options(parser)
     parser.add_argument("--max-batch-mb", type=int, help="memory bound of one batched gradient run (default: 256 on CPU, 4096 on CUDA)")
+    parser.add_argument("--atlas", metavar="DIR", help="the model's channel atlas, whose patches the report shows per node "
+                        "(default: atlas/ beside the model file, when built; see gap-service atlas)")
     parser.set_defaults(run=run)
 
 
@@ -103,11 +107,32 @@ def build_explainer(args: argparse.Namespace, path: Path, config: ModelConfig | 
     probe = Explainer(path, output=output)
     shapes = input_shapes(args, [s.name for s in probe.inputs]) or {probe.inputs[0].name: tuple(tensor.shape)}
     return Explainer(path, output=output, input_shapes=shapes, name=config.name if config else path.stem,
-                     labels=load_labels(args, config), layers=config.layers if config else None)
+                     labels=load_labels(args, config), layers=config.layers if config else None, atlas_dir=args.atlas)
 
 
 def progress(level: int, nodes: list[Node], tree: Explanation) -> None:
     print(f"  level {level}: {len(nodes)} node(s)", file=sys.stderr, flush=True)
+
+
+def model_atlas(explainer: Explainer, explicit: bool) -> tuple[Atlas | None, str | None]:
+    """The model's atlas, or None and how to build one; an ``explicit`` --atlas that is missing is an error."""
+    try:
+        return explainer.atlas(required=True), None
+    except AtlasNotFoundError as exc:
+        if explicit:
+            raise
+        return None, str(exc)
+
+
+def covered(atlas: Atlas) -> ChannelLookup:
+    """``atlas.entry``, with None for the layers the atlas does not cover."""
+    def lookup(layer: str, channel: int) -> ChannelEntry | None:
+        try:
+            return atlas.entry(layer, channel)
+        except AtlasNotFoundError:
+            return None
+
+    return lookup
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,9 +140,13 @@ def run(args: argparse.Namespace) -> int:
     tensor, picture = load_input(args, config)
     explainer = build_explainer(args, path, config, tensor)
     options = replace(explain_options(args), max_batch_bytes=args.max_batch_mb * 2**20 if args.max_batch_mb else None)
+    atlas, missing = model_atlas(explainer, explicit=args.atlas is not None)  # a stale one fails before the work
     print(f"explaining {path} with depth {options.depth}, top_k {options.top_k}", file=sys.stderr)
     started = time.perf_counter()
     explanation = explainer.explain(tensor, options, picture=picture, on_level=progress)
-    print_summary(explanation, time.perf_counter() - started)
-    write_outputs(explanation, args)
+    elapsed = time.perf_counter() - started
+    print_summary(explanation, elapsed, channels=covered(atlas) if atlas is not None else None)
+    if missing:
+        print(f"no channel patches: {missing}")
+    write_outputs(explanation, args, atlas)
     return 0
