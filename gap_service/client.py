@@ -30,6 +30,7 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from .atlas import ChannelEntry
 from .explanation import Explanation, Node
 from .options import ExplainOptions
 from .prediction import Prediction
@@ -321,3 +322,11 @@ class GapClient:
         response = self._unary(self.stub.Expand, request, timeout)
         paths = {n.id: list(n.path) for n in response.explanation.nodes}
         return Expansion(messages.explanation_from_proto(response.explanation), list(path), paths)
+
+    # -- channel atlas --------------------------------------------------------------------------
+    def get_channel(self, model: str, layer: str, channel: int, *, patches: bool = False, version: int = 0,
+                    timeout: float | None = None) -> ChannelEntry:
+        """What a node's channel responds to, from the server's atlas: statistics and patch boxes, and
+        with ``patches`` their pixels too (otherwise ``pixels`` is empty, and the answer a few hundred bytes)."""
+        request = S.GetChannelRequest(model=model, version=version, layer=layer, channel=channel, patches=patches)
+        return messages.channel_from_response(self._unary(self.stub.GetChannel, request, timeout))

@@ -87,7 +87,7 @@ def test_service_contract():
     service = pb.service.DESCRIPTOR.services_by_name["GapService"]
     assert service.full_name == "gap.v1.GapService"
     methods = {m.name: m for m in service.methods}
-    assert set(methods) == {"ListModels", "GetModel", "Predict", "Explain", "ExplainStream", "Expand"}
+    assert set(methods) == {"ListModels", "GetModel", "Predict", "Explain", "ExplainStream", "Expand", "GetChannel"}
     assert methods["ExplainStream"].server_streaming and not methods["ExplainStream"].client_streaming
     assert not any(m.server_streaming for name, m in methods.items() if name != "ExplainStream")
     assert [f.name for f in pb.tensor.Tensor.DESCRIPTOR.fields] == ["dtype", "shape", "data", "name"]

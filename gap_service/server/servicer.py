@@ -44,7 +44,7 @@ class ExplainCall:
 
 
 class GapServicer:
-    """The six RPCs of gap.v1.GapService."""
+    """The RPCs of gap.v1.GapService."""
 
     def __init__(self, store: ModelStore, limits: ServerLimits, metrics: Metrics, max_response_bytes: int) -> None:
         self.store = store
@@ -212,3 +212,11 @@ class GapServicer:
             yield
         finally:
             pool.release()
+
+    # -- channel atlas --------------------------------------------------------------------------
+    def GetChannel(self, request: S.GetChannelRequest, context: grpc.ServicerContext, record: CallRecord) -> S.GetChannelResponse:
+        # A lookup in the atlas the model loaded on first use: no computation slot needed.
+        query = messages.channel_from_proto(request)
+        model = self._model(query.model, query.version, record)
+        entry = model.explainer.atlas(required=True).entry(query.layer, query.channel)
+        return messages.channel_proto(entry, query.patches)

@@ -8,11 +8,12 @@ once, with the same field paths (``options.top_k``, ``input.tensor.shape``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from ..atlas import ChannelEntry, ChannelStats, Patch
 from ..colors import heatmap_png
 from ..errors import invalid
 from ..explainer import ModelDescription
@@ -20,6 +21,7 @@ from ..explanation import Explanation, Node
 from ..inputs import EncodedImage, Inputs
 from ..options import ExplainOptions
 from ..prediction import DEFAULT_TOP_CLASSES, ClassScore, Prediction
+from ..preprocess import decode_image
 from . import pb
 from .tensors import dtype_code, dtype_name, from_tensor, to_tensor
 
@@ -246,3 +248,46 @@ def description_proto(description: ModelDescription, summary: pb.model.ModelSumm
         limits=limits,
         load_seconds=load_seconds,
     )
+
+
+# -- channel atlas ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChannelQuery:
+    """A GetChannelRequest, decoded."""
+
+    model: str
+    version: int
+    layer: str
+    channel: int
+    patches: bool
+
+
+def channel_from_proto(message: pb.service.GetChannelRequest) -> ChannelQuery:
+    return ChannelQuery(message.model, message.version, message.layer, message.channel, message.patches)
+
+
+def channel_proto(entry: ChannelEntry, patches: bool) -> pb.service.GetChannelResponse:
+    """The entry's statistics and boxes; its pixels (one PNG strip) only when asked for."""
+    return S.GetChannelResponse(
+        layer=entry.layer, channel=entry.channel, stats=S.ChannelStats(**asdict(entry.stats)),
+        patches=[S.AtlasPatch(image=p.image, unit=list(p.unit), box=list(p.box), activation=p.activation)
+                 for p in entry.patches],
+        strip_png=entry.strip_png() if patches and entry.patches else b"", patch_size=entry.pixels.shape[1],
+        sheet=entry.sheet.name, row=entry.row,
+    )
+
+
+def channel_from_response(message: pb.service.GetChannelResponse) -> ChannelEntry:
+    """The ChannelEntry a GetChannelResponse carries (client side): ``pixels`` [n, S, S, 3] from
+    strip_png, empty when the request asked for no patches; ``sheet`` is the file's name on the server."""
+    size, count = message.patch_size, len(message.patches)
+    pixels = np.zeros((0, size, size, 3), np.uint8)
+    if message.strip_png:
+        strip = np.asarray(decode_image(message.strip_png, field_name="strip_png"))
+        if strip.shape != (size, count * size, 3):
+            raise ValueError(f"strip_png is {strip.shape[1]}x{strip.shape[0]} pixels, expected {count * size}x{size}")
+        pixels = np.ascontiguousarray(strip.reshape(size, count, size, 3).transpose(1, 0, 2, 3))
+    patches = tuple(Patch(p.image, tuple(p.unit), tuple(p.box), p.activation) for p in message.patches)
+    stats = message.stats
+    return ChannelEntry(message.layer, message.channel, ChannelStats(stats.mean, stats.fire_rate, stats.image_rate, stats.max),
+                        patches, pixels, Path(message.sheet), message.row)

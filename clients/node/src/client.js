@@ -7,6 +7,10 @@
  *   const client = new GapClient('localhost:50051');
  *   const { explanation } = await client.explain({ model: 'ppocr_cls', input: { image: pngBuffer } });
  *
+ *   // TLS (the server's CA), mTLS (a client certificate) and an API key (docs/security.md):
+ *   new GapClient('gap.example.com:8443', { rootCerts: fs.readFileSync('ca.crt'), clientCert: fs.readFileSync('client.crt'),
+ *     clientKey: fs.readFileSync('client.key'), token: process.env.GAP_TOKEN });
+ *
  * Messages are plain objects with the proto's field names (snake_case); bytes are Buffers,
  * enums are strings, 64-bit integers are Numbers. Tensors travel as raw little-endian bytes:
  * use tensorFromFloat32() to send one and tensorValues() to read one.
@@ -128,14 +132,36 @@ function tensorValues(tensor) {
   return out;
 }
 
+/**
+ * The channel credentials: plaintext when no option is given; any option means TLS, the server checked
+ * against rootCerts (a PEM Buffer; default: Node's CAs). clientCert and clientKey (PEM Buffers) answer a
+ * server that requires mTLS; token, an API key, goes as `authorization: Bearer` with every call, over
+ * TLS only (gRPC never sends call credentials in cleartext).
+ */
+function channelCredentials({ tls = false, rootCerts = null, clientCert = null, clientKey = null, token = null } = {}) {
+  if (!(tls || rootCerts || clientCert || clientKey || token)) return grpc.credentials.createInsecure();
+  if (!clientCert !== !clientKey) throw new Error('clientCert and clientKey go together (mTLS)');
+  const ssl = grpc.credentials.createSsl(rootCerts, clientKey, clientCert);
+  if (!token) return ssl;
+  const bearer = grpc.credentials.createFromMetadataGenerator((_params, callback) => {
+    const metadata = new grpc.Metadata();
+    metadata.set('authorization', `Bearer ${token}`);
+    callback(null, metadata);
+  });
+  return grpc.credentials.combineChannelCredentials(ssl, bearer);
+}
+
 class GapClient {
   /**
    * @param {string} address host:port
-   * @param {{deadlineMs?: number, credentials?: grpc.ChannelCredentials}} options
+   * @param {{deadlineMs?: number, tls?: boolean, rootCerts?: Buffer, clientCert?: Buffer, clientKey?: Buffer,
+   *          token?: string, credentials?: grpc.ChannelCredentials}} options
+   *   tls ... token: see channelCredentials; credentials: ready-made ones instead
    */
-  constructor(address, { deadlineMs = 120000, credentials = grpc.credentials.createInsecure() } = {}) {
+  constructor(address, { deadlineMs = 120000, credentials = null, ...security } = {}) {
     const { gap, health } = loadPackages();
     this.deadlineMs = deadlineMs;
+    credentials = credentials || channelCredentials(security);
     this.stub = new gap.GapService(address, credentials, CHANNEL_OPTIONS);
     this.healthStub = new health.Health(address, credentials, CHANNEL_OPTIONS);
   }
@@ -166,6 +192,15 @@ class GapClient {
   listModels(deadlineMs) { return this._unary(this.stub, 'ListModels', {}, deadlineMs); }
 
   getModel(model, version = 0, deadlineMs) { return this._unary(this.stub, 'GetModel', { model, version }, deadlineMs); }
+
+  /**
+   * What a node's channel responds to, from the server's atlas: {layer, channel, stats: {mean,
+   * fire_rate, image_rate, max}, patches: [{image, unit, box, activation}], strip_png, patch_size,
+   * sheet, row}. strip_png (a Buffer: the patches side by side) is empty unless patches is true.
+   */
+  getChannel(model, layer, channel, { patches = false, version = 0 } = {}, deadlineMs) {
+    return this._unary(this.stub, 'GetChannel', { model, version, layer, channel, patches }, deadlineMs);
+  }
 
   /** request: {model, input: {image: Buffer} | {tensor}, top_k?} */
   predict(request, deadlineMs) { return this._unary(this.stub, 'Predict', request, deadlineMs); }
@@ -219,4 +254,4 @@ class GapClient {
   }
 }
 
-module.exports = { GapClient, fieldViolations, tensorFromFloat32, tensorValues, loadPackages, grpc };
+module.exports = { GapClient, channelCredentials, fieldViolations, tensorFromFloat32, tensorValues, loadPackages, grpc };
