@@ -4,7 +4,8 @@
     gap-service client explain --server localhost:50051 ppocr_cls line.png --html report.html
 
 ``explain`` prints the same summary and writes the same HTML/PNG/JSON report as the local
-``gap-service explain``, from the tree the server computed.
+``gap-service explain``, from the tree the server computed; where the level-1 channels' top
+patches are comes from the server's atlas (GetChannel).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atlas import ChannelEntry
 from ..errors import GapError, invalid
-from .common import add_explain_options, explain_options, print_summary, write_outputs
+from .common import ChannelLookup, add_explain_options, explain_options, print_summary, write_outputs
 
 DEFAULT_SERVER = "localhost:50051"
 TOKEN_ENV = "GAP_TOKEN"  # the API key, when --token-file is not given (never on the command line: ps shows it)
@@ -140,9 +142,28 @@ def _explain(client, args) -> int:
             raise GapError("the server sent no levels")
     else:
         explanation = client.explain(args.model, **_input(args.input), **options)
-    print_summary(explanation, time.perf_counter() - started, args.server)
+    missing: list[str] = []
+    print_summary(explanation, time.perf_counter() - started, args.server, _server_channels(client, args, missing))
+    for reason in dict.fromkeys(missing):
+        print(f"no channel patches: {reason}")
     write_outputs(explanation, args)
     return 0
+
+
+def _server_channels(client, args: argparse.Namespace, missing: list[str]) -> ChannelLookup:
+    """GetChannel without pixels; what the server's atlas lacks (NOT_FOUND says why) goes to ``missing``."""
+    import grpc
+
+    def lookup(layer: str, channel: int) -> ChannelEntry | None:
+        try:
+            return client.get_channel(args.model, layer, channel, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            missing.append(exc.details())
+            return None
+
+    return lookup
 
 
 ACTIONS = {"health": _health, "models": _models, "model": _model, "predict": _predict, "explain": _explain}
