@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that the tests need beyond Python (idempotent; a second run installs
-# nothing): nginx, the L7 gRPC load balancer of tests/test_loadbalancing.py and bench/lb.py.
+# nothing): nginx, the L7 gRPC load balancer of tests/test_loadbalancing.py and bench/lb.py, and
+# chromium, the headless browser that screenshots a report in tests/test_report_atlas.py.
 # Run as root (CI) or with sudo; without either it only reports what is missing.
 set -euo pipefail
-packages=(nginx)
+packages=(nginx chromium)
 missing=()
 for package in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
