@@ -473,3 +473,29 @@ def test_picodet_sees_a_photo_as_one_figure(picodet) -> None:
     assert detections and detections[0].label == 2  # figure
     x1, y1, x2, y2 = detections[0].box
     assert (x2 - x1) * (y2 - y1) > 0.9 * 800 * 608
+
+
+# --------------------------------------------------------------------------------------
+# The bundled BlazeFace face detector on the photos
+# --------------------------------------------------------------------------------------
+
+BLAZEFACE_TASK = {"kind": "detection", "layout": "boxes_scores", "box_format": "cxcywh", "score_activation": "sigmoid",
+                  "heads": [{"scores": "classificators", "boxes": "boxes"}]}
+# Faces measured by hand on the photos resized to 256x256 (x1, y1, x2, y2).
+FACES = {"astronaut.png": (88, 38, 138, 90), "grace_hopper.jpg": (92, 58, 176, 146)}
+
+
+def test_blazeface_finds_the_faces_of_the_photos_and_nothing_else() -> None:
+    entry = load_repository(BUNDLED_REPOSITORY)["blazeface"]
+    session = ort.InferenceSession(str(entry.path), providers=["CPUExecutionProvider"])
+    layout = DetectionLayout.from_config(BLAZEFACE_TASK)
+    for photo in ("astronaut.png", "grace_hopper.jpg", "coffee.png", "motorcycle_left.png", "rocket.jpg"):
+        tensor, _ = preprocess(Image.open(EXAMPLES / "photos" / photo).convert("RGB"), entry.config.preprocessing)
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": tensor})))
+        faces = decode(outputs, layout, 0.5, 0.3)
+        if photo not in FACES:
+            assert faces == [], photo
+            continue
+        assert len(faces) == 1 and faces[0].score > 0.8 and brute_iou(faces[0].box, FACES[photo]) > 0.7, (photo, faces)
+        seed = detection_seed(faces[0], {k: v.shape for k, v in outputs.items()}, spread=True)["classificators"]
+        assert seed.flat[faces[0].kept.entries[0][1]] == 1 and np.count_nonzero(seed) == 1 + len(faces[0].merged) > 1
