@@ -10,8 +10,15 @@
 #   GAP_BIN               the gap-service executable          (default: gap-service on PATH)
 #   GAP_MODEL_REPOSITORY  the model repository, a volume      (default: /models)
 #   GAP_MODELS            models to serve, comma-separated    (default: every model of the repository)
-#   GAP_HOST, GAP_PORT    gRPC address                        (default: [::] and 50051)
+#   GAP_HOST, GAP_PORT    gRPC address                        (default: [::] and 50051: all interfaces,
+#                         where a local `gap-service serve` binds 127.0.0.1)
 #   GAP_METRICS_HOST, GAP_METRICS_PORT  Prometheus /metrics   (default: 0.0.0.0 and 9090)
+#   GAP_HEALTH_PORT       a plaintext grpc.health.v1-only port for HEALTHCHECK and Kubernetes' gRPC
+#                         probes, which cannot speak TLS  (default: none; the images set 50052)
+#   GAP_TLS_CERT, GAP_TLS_KEY  TLS on the gRPC port: PEM files (mounted secrets)  (default: none)
+#   GAP_TLS_CLIENT_CA     mTLS: only clients with a certificate from this CA  (default: none)
+#   GAP_API_KEYS          API keys, a JSON file or env:NAME (docs/security.md)  (default: none)
+#   GAP_REFLECTION        on | off: gRPC reflection              (default: off)
 #   GAP_GRACE_PERIOD      drain time on SIGTERM, in seconds   (default: 25; keep it below the
 #                         orchestrator's stop timeout: compose stop_grace_period, Kubernetes
 #                         terminationGracePeriodSeconds)
@@ -19,6 +26,12 @@
 #   GAP_MAX_CONCURRENT, GAP_MAX_QUEUE, GAP_THREADS, GAP_MAX_TREE_NODES   limits (default: the server's)
 #   GAP_LOG_FORMAT        json | text                         (default: json)
 set -eu
+
+case "${GAP_REFLECTION:-off}" in
+    on) reflection=--reflection ;;
+    off) reflection=--no-reflection ;;
+    *) echo "entrypoint.sh: GAP_REFLECTION is on or off, not '$GAP_REFLECTION'" >&2; exit 2 ;;
+esac
 
 set -- \
     --model-repository "${GAP_MODEL_REPOSITORY:-/models}" \
@@ -29,6 +42,12 @@ set -- \
     --grace-period "${GAP_GRACE_PERIOD:-25}" \
     --provider "${GAP_PROVIDER:-auto}" \
     --log-format "${GAP_LOG_FORMAT:-json}" \
+    "$reflection" \
+    ${GAP_HEALTH_PORT:+--health-port "$GAP_HEALTH_PORT"} \
+    ${GAP_TLS_CERT:+--tls-cert "$GAP_TLS_CERT"} \
+    ${GAP_TLS_KEY:+--tls-key "$GAP_TLS_KEY"} \
+    ${GAP_TLS_CLIENT_CA:+--tls-client-ca "$GAP_TLS_CLIENT_CA"} \
+    ${GAP_API_KEYS:+--api-keys "$GAP_API_KEYS"} \
     ${GAP_MAX_CONCURRENT:+--max-concurrent "$GAP_MAX_CONCURRENT"} \
     ${GAP_MAX_QUEUE:+--max-queue "$GAP_MAX_QUEUE"} \
     ${GAP_THREADS:+--threads "$GAP_THREADS"} \

@@ -4,7 +4,8 @@
 
 The Docker HEALTHCHECK of docker/Dockerfile and docker/Dockerfile.gpu runs it (Kubernetes uses its
 native gRPC probes instead, see deploy/k8s/). The target defaults to GAP_HEALTH_TARGET, else
-127.0.0.1:$GAP_PORT (the port docker/entrypoint.sh serves on, 50051 by default). It prints the status
+127.0.0.1:$GAP_HEALTH_PORT (the plaintext health-only port, 50052 in the images: the gRPC port may
+speak TLS), else 127.0.0.1:$GAP_PORT (50051 by default). It prints the status
 (SERVING, NOT_SERVING while the models load or the server drains, or the RPC error) and exits 0 only
 for SERVING. Only grpcio and grpcio-health-checking are imported, so it starts fast.
 """
@@ -17,7 +18,8 @@ import sys
 
 
 def default_target() -> str:
-    return os.environ.get("GAP_HEALTH_TARGET") or f"127.0.0.1:{os.environ.get('GAP_PORT', '50051')}"
+    port = os.environ.get("GAP_HEALTH_PORT") or os.environ.get("GAP_PORT", "50051")
+    return os.environ.get("GAP_HEALTH_TARGET") or f"127.0.0.1:{port}"
 
 
 def check(target: str, service: str = "", timeout: float = 3.0) -> str:

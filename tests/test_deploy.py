@@ -31,6 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "gpu": DOCKER / "Dockerfile.gpu"}
+NGINX_TLS = DOCKER / "nginx" / "gap-grpc.d" / "tls.conf"
+
+
+def nginx_secret_files() -> set[str]:
+    """The secret files nginx's TLS snippet reads (directives only, not comments)."""
+    return set(re.findall(r"(?m)^\s*\w+\s+(/run/secrets/\S+);", NGINX_TLS.read_text()))
 MODEL = "ppocr_cls"
 
 pytestmark = pytest.mark.timeout(240)
@@ -150,12 +156,12 @@ def test_dockerfile_shape(variant):
     (user,) = last_stage(instructions, "USER")
     assert re.fullmatch(r"[1-9]\d{3,}:[1-9]\d{3,}", user), f"numeric non-root user: {user}"
     assert exec_form(last_stage(instructions, "VOLUME")[0]) == ["/models"]
-    assert set(last_stage(instructions, "EXPOSE")[0].split()) == {"50051", "9090"}
+    env = env_values(instructions)
+    assert set(last_stage(instructions, "EXPOSE")[0].split()) == {env["GAP_PORT"], env["GAP_HEALTH_PORT"], env["GAP_METRICS_PORT"]}
     assert last_stage(instructions, "STOPSIGNAL") == ["SIGTERM"]
     (health,) = last_stage(instructions, "HEALTHCHECK")
     assert healthcheck_command(health) == ["python", "/app/docker/healthcheck.py"]
     assert exec_form(last_stage(instructions, "ENTRYPOINT")[0]) == ["/app/docker/entrypoint.sh"], "exec form: no shell in between"
-    env = env_values(instructions)
     assert env["GAP_MODEL_REPOSITORY"] == "/models" and env["PATH"].startswith("/app/.venv/bin:")
     assert float(env["GAP_GRACE_PERIOD"]) < 30, "below docker's/compose's stop timeout of 30 s"
     # Never weights in the image: nothing from models/ is copied, nothing is downloaded.
@@ -322,16 +328,23 @@ def entrypoint_args(env: dict[str, str], *args: str) -> list[str]:
 def test_entrypoint_maps_the_environment_to_serve_options():
     assert os.access(lb.ENTRYPOINT, os.X_OK), "docker/entrypoint.sh must be executable (git keeps the mode)"
     defaults = entrypoint_args({})
-    assert defaults[0] == "serve"
-    options = dict(zip(defaults[1::2], defaults[2::2]))
+    assert defaults[0] == "serve" and defaults[-1] == "--no-reflection", "reflection is off in the images"
+    options = dict(zip(defaults[1:-1:2], defaults[2:-1:2]))
     assert options == {"--model-repository": "/models", "--host": "[::]", "--port": "50051", "--metrics-host": "0.0.0.0",
                        "--metrics-port": "9090", "--grace-period": "25", "--provider": "auto", "--log-format": "json"}
+    assert entrypoint_args({"GAP_REFLECTION": "on"})[-1] == "--reflection"
+    refused = subprocess.run([str(lb.ENTRYPOINT)], env={**os.environ, "GAP_BIN": "echo", "GAP_REFLECTION": "yes"},
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode == 2 and "GAP_REFLECTION" in refused.stderr
     configured = entrypoint_args({"GAP_MODEL_REPOSITORY": "/repo", "GAP_MODELS": "a,b", "GAP_PORT": "7", "GAP_GRACE_PERIOD": "3",
                                   "GAP_MAX_CONCURRENT": "2", "GAP_MAX_QUEUE": "9", "GAP_THREADS": "4", "GAP_MAX_TREE_NODES": "99",
-                                  "GAP_PROVIDER": "cuda", "GAP_LOG_FORMAT": "text"}, "--max-queue", "10")
+                                  "GAP_PROVIDER": "cuda", "GAP_LOG_FORMAT": "text", "GAP_HEALTH_PORT": "8",
+                                  "GAP_TLS_CERT": "/c.pem", "GAP_TLS_KEY": "/k.pem", "GAP_TLS_CLIENT_CA": "/ca.pem",
+                                  "GAP_API_KEYS": "env:KEYS"}, "--max-queue", "10")
     text = " ".join(configured)
     for expected in ("--model-repository /repo", "--port 7", "--grace-period 3", "--max-concurrent 2", "--max-queue 9",
-                     "--threads 4", "--max-tree-nodes 99", "--provider cuda", "--log-format text", "--model a --model b"):
+                     "--threads 4", "--max-tree-nodes 99", "--provider cuda", "--log-format text", "--model a --model b",
+                     "--health-port 8", "--tls-cert /c.pem", "--tls-key /k.pem", "--tls-client-ca /ca.pem", "--api-keys env:KEYS"):
         assert expected in text, (expected, text)
     assert text.index("--max-queue 9") < text.index("--max-queue 10"), "arguments come after the environment: they win"
     # The options exist in `gap-service serve` (a renamed option would break the image).
@@ -344,6 +357,7 @@ def healthcheck(port: int, *args: str) -> subprocess.CompletedProcess:
     """docker/healthcheck.py as the image's HEALTHCHECK runs it (port from GAP_PORT)."""
     env = {**os.environ, "GAP_PORT": str(port)}
     env.pop("GAP_HEALTH_TARGET", None)
+    env.pop("GAP_HEALTH_PORT", None)
     return subprocess.run([sys.executable, str(lb.HEALTHCHECK), *args], env=env, capture_output=True, text=True, timeout=30, check=False)
 
 
@@ -369,6 +383,13 @@ def test_entrypoint_serves_and_drains_on_sigterm(tmp_path):
         result = healthcheck(replica.port)
         assert (result.returncode, result.stdout.strip()) == (0, "SERVING")
         assert healthcheck(replica.port, "--service", "gap.v1.GapService").returncode == 0
+        from test_security import reflection_services
+
+        with grpc.insecure_channel(replica.address) as channel:  # the image's default: no reflection
+            for version in ("v1", "v1alpha"):
+                with pytest.raises(grpc.RpcError) as off:
+                    reflection_services(channel, version)
+                assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
         metrics = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read()
         assert b"gap_serving 1.0" in metrics
 
@@ -429,7 +450,7 @@ def seconds(text: str) -> float:
     return float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60}[match.group(2)]
 
 
-def test_compose_file():
+def test_compose_file(tmp_path):
     compose = load_yaml(DOCKER / "compose.yaml")
     services = compose["services"]
     assert set(services) == {"gap", "lb", "prometheus"}
@@ -444,16 +465,27 @@ def test_compose_file():
     assert (DOCKER / volume["source"]).resolve() == ROOT / "models"
     instructions = parse_dockerfile(DOCKERFILES["cpu"])
     assert gap["healthcheck"]["test"] == ["CMD", *healthcheck_command(last_stage(instructions, "HEALTHCHECK")[0])]
-    assert set(gap["expose"]) == {gap["environment"]["GAP_PORT"], gap["environment"]["GAP_METRICS_PORT"]}
+    env = gap["environment"]
+    assert set(gap["expose"]) == {env["GAP_PORT"], env["GAP_HEALTH_PORT"], env["GAP_METRICS_PORT"]}
+    # Secrets: every file the replicas and nginx are told about is mounted, from what docker/dev-secrets.sh writes.
+    secrets = compose["secrets"]
+    subprocess.run(["sh", str(DOCKER / "dev-secrets.sh"), str(tmp_path)], check=True, capture_output=True, timeout=60)
+    assert {Path(s["file"]).parent.as_posix() for s in secrets.values()} == {"secrets"}
+    assert {Path(s["file"]).name for s in secrets.values()} <= {p.name for p in tmp_path.iterdir()}
+    gap_mounts = {m["target"] for m in gap["secrets"]}
+    assert {env[v] for v in ("GAP_TLS_CERT", "GAP_TLS_KEY", "GAP_TLS_CLIENT_CA", "GAP_API_KEYS")} <= gap_mounts
+    assert "GAP_REFLECTION" not in env, "reflection stays off (the entry point's default)"
 
     balancer = services["lb"]
     image, tag = balancer["image"].split(":")
     assert image == "nginx" and tuple(int(x) for x in tag.split("-")[0].split(".")) >= (1, 27), "`resolve` needs nginx >= 1.27.3"
     assert balancer["depends_on"]["gap"]["condition"] == "service_healthy"
-    (conf,) = balancer["volumes"]
+    conf, tls = balancer["volumes"]
     assert (DOCKER / conf["source"]).resolve() == lb.NGINX_CONF and conf["target"] == "/etc/nginx/conf.d/default.conf"
-    listen = re.search(r"listen (\d+) http2;", lb.NGINX_CONF.read_text()).group(1)
-    assert balancer["ports"] == [f"{listen}:{listen}"]
+    assert (DOCKER / tls["source"]).resolve() == NGINX_TLS and tls["target"] == "/etc/nginx/gap-grpc.d/tls.conf"
+    listen = re.search(r"listen (\d+) ssl http2;", NGINX_TLS.read_text()).group(1)
+    assert balancer["ports"] == [f"{listen}:{listen}"], "only the TLS port is published"
+    assert nginx_secret_files() == {m["target"] for m in balancer["secrets"]}
     assert re.search(rf"server gap:{gap['environment']['GAP_PORT']} resolve", lb.NGINX_CONF.read_text())
 
     prometheus = services["prometheus"]
@@ -484,7 +516,9 @@ def test_nginx_configuration_is_accepted(nginx_binary, tmp_path):
     source = lb.NGINX_CONF.read_text()
     # gRPC over cleartext HTTP/2 to the replicas, failed connections retried elsewhere, gRPC errors
     # (not HTML) when no replica answers, keepalive to the replicas.
-    assert "grpc_pass grpc://gap_replicas;" in source and "keepalive " in source
+    assert "set $gap_upstream grpc://gap_replicas;" in source and "keepalive " in source
+    assert source.count("grpc_pass $gap_upstream;") == source.count("grpc_pass") == 4
+    assert "set $gap_upstream grpcs://gap_replicas;" in NGINX_TLS.read_text(), "TLS to the replicas too"
     assert re.search(r"grpc_next_upstream error timeout[^;]*non_idempotent;", source)
     assert re.search(r"error_page 502 503 504 = @grpc_unavailable;", source) and "grpc-status 14" in source
 
@@ -574,10 +608,11 @@ def test_k8s_deployment_probes_grace_and_resources(variant):
     main = container(deployment)
     env = env_of(deployment)
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
-    assert ports == {"grpc": int(env["GAP_PORT"]), "metrics": int(env["GAP_METRICS_PORT"])}
-    # Native gRPC probes on the health service (SERVING once warmed up, NOT_SERVING while draining).
+    assert ports == {"grpc": int(env["GAP_PORT"]), "health": int(env["GAP_HEALTH_PORT"]), "metrics": int(env["GAP_METRICS_PORT"])}
+    # Native gRPC probes on the health service (SERVING once warmed up, NOT_SERVING while draining), on the
+    # plaintext health-only port: the gRPC port speaks TLS, which Kubernetes' gRPC probes cannot.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert main[probe]["grpc"] == {"port": ports["grpc"]}, probe
+        assert main[probe]["grpc"] == {"port": ports["health"]}, probe
     liveness = main["livenessProbe"]
     grace = float(env["GAP_GRACE_PERIOD"])
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > grace, "liveness must not kill a draining pod"
@@ -597,6 +632,14 @@ def test_k8s_deployment_probes_grace_and_resources(variant):
     assert mounts["models"]["mountPath"] == env["GAP_MODEL_REPOSITORY"] == "/models" and mounts["models"]["readOnly"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     claim = volumes["models"]["persistentVolumeClaim"]["claimName"]
+    # TLS, mTLS and API keys from Secrets, mounted read-only where the environment points, readable by the
+    # server's group only; no service-account token in the pod.
+    assert pod["automountServiceAccountToken"] is False
+    secret_dirs = {mounts[v]["mountPath"]: volumes[v]["secret"] for v in ("tls", "api-keys")}
+    for variable in ("GAP_TLS_CERT", "GAP_TLS_KEY", "GAP_TLS_CLIENT_CA", "GAP_API_KEYS"):
+        assert os.path.dirname(env[variable]) in secret_dirs, variable
+    assert all(m["readOnly"] for m in mounts.values() if m["name"] in ("tls", "api-keys"))
+    assert {s["defaultMode"] for s in secret_dirs.values()} == {0o440} and pod["securityContext"]["fsGroup"] == int(gid)
     assert ("PersistentVolumeClaim", claim) in objects
     # Resources, sized as the server is told to run.
     requests, limits = main["resources"]["requests"], main["resources"]["limits"]
@@ -639,9 +682,17 @@ def test_k8s_service_pdb_hpa_select_the_deployment(variant):
         return lb.REPLICAS_BLOCK.sub("", text).strip()
 
     assert strip(conf) == strip(lb.NGINX_CONF.read_text()), "deploy/k8s/common/nginx-lb.yaml drifted from docker/nginx/gap-grpc.conf"
+    assert objects[("ConfigMap", "gap-lb-nginx")]["data"]["tls.conf"] == NGINX_TLS.read_text()
     proxy = objects[("Deployment", "gap-lb")]
-    (mount,) = container(proxy)["volumeMounts"]
-    assert mount["mountPath"] == "/etc/nginx/conf.d/default.conf" and mount["subPath"] == "gap-grpc.conf"
+    mounts = {m["mountPath"]: m for m in container(proxy)["volumeMounts"]}
+    assert mounts["/etc/nginx/conf.d/default.conf"]["subPath"] == "gap-grpc.conf"
+    assert mounts["/etc/nginx/gap-grpc.d/tls.conf"]["subPath"] == "tls.conf"
+    tls_dirs = {os.path.dirname(path) for path in nginx_secret_files()}
+    assert tls_dirs == {"/run/secrets/gap-tls"} and mounts["/run/secrets/gap-tls"]["readOnly"]
+    (tls_port,) = container(proxy)["ports"]
+    assert tls_port["containerPort"] == int(re.search(r"listen (\d+) ssl", NGINX_TLS.read_text()).group(1))
+    (exposed,) = objects[("Service", "gap-lb")]["spec"]["ports"]
+    assert exposed["targetPort"] == tls_port["name"], "the proxy's Service exposes its TLS port alone"
     assert objects[("Service", "gap-lb")]["spec"]["selector"] == proxy["spec"]["template"]["metadata"]["labels"]
     assert proxy["spec"]["template"]["metadata"]["labels"] != labels, "the proxy's pods are not gap-service endpoints"
 

@@ -157,6 +157,8 @@ class GapServer:
     def start(self) -> int:
         """Scan the repository, bind and start answering (health NOT_SERVING until ``load``)."""
         config = self.config
+        keys = api_keys(config.api_keys) if config.api_keys else None  # bad key or certificate files stop the start
+        credentials = config.tls.credentials() if config.tls else None
         self.store = ModelStore(config.repository, config.runtime, config.models or None, config.limits.max_image_pixels)
         self.store.prepare_all()  # compile only (fast): the layer shapes size the messages
         limits = config.limits
@@ -165,8 +167,6 @@ class GapServer:
         self._workers = workers
         bound = max(m.response_bytes_bound(limits.max_tree_nodes) for m in self.store.prepared.values())
         self._max_response = min(bound, MAX_GRPC_MESSAGE)
-        keys = api_keys(config.api_keys) if config.api_keys else None  # a bad key file stops the start
-        credentials = config.tls.credentials() if config.tls else None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gap-rpc"),
             options=server_options(limits, self._max_response),

@@ -23,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -127,13 +128,19 @@ class TlsFiles:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The files' contents for gRPC, checked first: gRPC would only fail at each client's handshake."""
         key, cert = _read(self.key, "TLS private key"), _read(self.cert, "TLS certificate")
-        for data, path, marker in ((cert, self.cert, b"CERTIFICATE"), (key, self.key, b"PRIVATE KEY")):
-            if b"-----BEGIN " not in data or marker not in data:
-                raise SecurityConfigError(f"{path} is not a PEM {marker.decode().lower()}")
         roots = _read(self.client_ca, "client CA") if self.client_ca else None
-        if roots is not None and b"-----BEGIN CERTIFICATE" not in roots:
-            raise SecurityConfigError(f"{self.client_ca} is not a PEM certificate")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key)  # PEM, and the key is the certificate's
+        except ssl.SSLError as exc:
+            raise SecurityConfigError(f"{self.cert} with {self.key}: not a PEM certificate and its key ({exc.reason or exc})") from exc
+        if roots is not None:
+            try:
+                context.load_verify_locations(cadata=roots.decode("ascii", "replace"))
+            except (ssl.SSLError, ValueError) as exc:
+                raise SecurityConfigError(f"{self.client_ca}: not PEM CA certificates ({exc})") from exc
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
 
     def credentials(self, check_seconds: float = RELOAD_CHECK_SECONDS) -> grpc.ServerCredentials:
