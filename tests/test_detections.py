@@ -301,6 +301,9 @@ def test_layouts_detected_where_unambiguous() -> None:
      "task.box_format"),
     ({"kind": "detection", "layout": "boxes_scores", "score_activation": "relu",
       "heads": [{"scores": "s", "boxes": "b"}]}, "task.score_activation"),
+    ({"kind": "detection", "layout": "boxes_scores", "box_format": "ltrb_dfl",
+      "heads": [{"scores": "s", "boxes": "b", "stride": "8"}]}, "task.heads"),
+    ({"kind": "detection", "layout": "yolov8", "output": "o", "background": 0}, "task.background"),
 ])
 def test_bad_layouts_are_refused_naming_the_field(task: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidInputError) as error:
@@ -326,6 +329,10 @@ def test_outputs_that_do_not_fit_the_layout_are_refused() -> None:
         decode(dfl_raw, dfl)
     with pytest.raises(InvalidModelError, match="has 4x4 anchor points, but its boxes have 10"):
         decode(dfl_raw, dfl, input_hw=(32, 32))
+    ssd = DetectionLayout("boxes_scores", heads=(Head("s", "b"),), score_activation="softmax", background=3)
+    with pytest.raises(InvalidInputError, match="3 is not a class of output 's' \\(3 classes\\)"):
+        decode({"s": np.zeros((1, 10, 3)), "b": np.zeros((1, 10, 4))}, ssd)
+    assert decode({"output0": np.zeros((1, 7, 20))}, v8) == []  # no candidate
     for keyword, value in (("score_threshold", 1.0), ("iou_threshold", -0.1), ("max_detections", 0)):
         with pytest.raises(InvalidInputError) as error:
             decode({"output0": np.zeros((1, 7, 20))}, v8, **{keyword: value})

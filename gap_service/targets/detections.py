@@ -70,13 +70,15 @@ class DetectionLayout:
         if self.layout == "boxes_scores":
             if not self.heads or self.output is not None:
                 raise invalid("task.heads", "layout boxes_scores needs heads [{scores, boxes}, ...] and no output")
-            if self.box_format == "ltrb_dfl" and any(h.stride is None or h.stride <= 0 for h in self.heads):
-                raise invalid("task.heads", "box_format ltrb_dfl needs a positive stride on every head")
+            if self.box_format == "ltrb_dfl" and not all(isinstance(h.stride, int) and h.stride > 0 for h in self.heads):
+                raise invalid("task.heads", "box_format ltrb_dfl needs a positive integer stride on every head")
         else:
             if self.output is None or self.heads:
                 raise invalid("task.output", f"layout {self.layout} needs one output and no heads")
             if self.box_format != "cxcywh" or self.score_activation == "softmax":
                 raise invalid("task.box_format", f"layout {self.layout} has cxcywh boxes and per-class (not softmax) scores")
+            if self.normalized or self.background is not None:
+                raise invalid("task.background", f"layout {self.layout} has boxes in input pixels and no background class")
 
     @classmethod
     def from_config(cls, task: Mapping[str, Any]) -> DetectionLayout:
@@ -309,6 +311,8 @@ def _check_shapes(layout: DetectionLayout, shapes: Shapes) -> None:
         if len(scores) != 3 or scores[0] != 1 or (classes is not None and scores[2] != classes):
             raise fail(head.scores, f"[1, N, C] with the same C on every head (C = {classes})")
         classes = scores[2]
+        if layout.background is not None and not 0 <= layout.background < classes:
+            raise invalid("task.background", f"{layout.background} is not a class of output '{head.scores}' ({classes} classes)")
         width = boxes[2] if len(boxes) == 3 else 0
         fits = width % 4 == 0 and width >= 8 if layout.box_format == "ltrb_dfl" else width == 4
         if len(boxes) != 3 or boxes[0] != 1 or boxes[1] != scores[1] or not fits:
