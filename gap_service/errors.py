@@ -82,6 +82,25 @@ def invalid(field: str, description: str) -> InvalidInputError:
     return InvalidInputError(f"{field}: {description}", (FieldViolation(field, description),))
 
 
+MAX_ECHO_CHARS = 256
+
+
+def printable(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``value`` as a message or a log line may echo it: control characters escaped (a newline
+    cannot start a forged log line) and cut to ``limit`` characters, with the full length noted
+    (a megabyte-long model name cannot bloat a status or a log)."""
+    text = str(value)
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+def quoted(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """``printable(value)`` in quotes, for names inside messages."""
+    text = str(value)
+    inner = printable(text[:limit], limit).replace("'", "\\'")
+    return f"'{inner}'" if len(text) <= limit else f"'{inner}...' ({len(text)} characters)"
+
+
 def raise_violations(violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
     """Raise one InvalidInputError listing every violation, if there are any."""
     if violations:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidInputError, InvalidModelError, invalid
+from .errors import InvalidInputError, InvalidModelError, invalid, quoted
 from .graph.loader import InputSpec
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing, decode_image, preprocess
 
@@ -61,7 +61,7 @@ class InputPolicy:
         if self.preprocessing is None:
             raise invalid("input.image", "the model has no preprocessing configured; send a tensor")
         decoded = decode_image(image.data, self.max_image_pixels, field_name="input.image")
-        tensor, picture = preprocess(decoded, self.preprocessing)
+        tensor, picture = preprocess(decoded, self.preprocessing, self.max_image_pixels, field_name="input.image")
         spec = self.specs[0]
         expected = (self.fixed_shapes or {}).get(spec.name)
         if expected is not None and tuple(tensor.shape) != tuple(expected):
@@ -73,7 +73,7 @@ class InputPolicy:
         specs = {s.name: s for s in self.specs}
         for name in feeds:
             if name not in specs:
-                raise invalid("input.tensor.name", f"unknown input '{name}'; the model's inputs are {sorted(specs)}")
+                raise invalid("input.tensor.name", f"unknown input {quoted(name)}; the model's inputs are {sorted(specs)}")
         for name, spec in specs.items():
             if name not in feeds:
                 raise invalid("input.tensor.name", f"missing input '{name}'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,13 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ResourceLimitError, invalid
 
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_IMAGE_SIDE = 32_768
+MAX_ASPECT_RATIO = 100  # text lines are at most ~1:50; a resize makes the rest huge (check_image_size)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # not EPS (runs Ghostscript), nor TIFF's many codecs
+
+# Our own limits are checked right after Pillow's header-only open; its warning (printed to stderr
+# between 1x and 2x Image.MAX_IMAGE_PIXELS) would only add unstructured lines to the server log.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -68,32 +76,50 @@ class Preprocessing:
 
 
 def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, field_name: str = "image") -> Image.Image:
-    """Decode PNG/JPEG (or any format Pillow reads) to RGB, refusing corrupt or oversized images."""
+    """Decode PNG/JPEG/WebP/BMP/GIF to RGB, refusing corrupt images and, from the header alone
+    (before any pixel is decompressed), images over the limits (``check_image_size``)."""
     try:
-        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else str(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ResourceLimitError(
-                f"{field_name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-            )
+        image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else str(data), formats=IMAGE_FORMATS)
+        check_image_size(image.size, max_pixels, field_name)
         image.load()
-    except ResourceLimitError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # over Pillow's own bound (2 x Image.MAX_IMAGE_PIXELS)
+        raise ResourceLimitError(f"{field_name}: the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, "
+                                 f"over the decoder's limit; the limit is {max_pixels} pixels") from exc
+    except UnidentifiedImageError as exc:  # its message names a Python object: not for clients
+        raise invalid(field_name, f"cannot decode the image: not a {', '.join(IMAGE_FORMATS)} image") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise invalid(field_name, f"cannot decode the image: {exc}") from exc
     return image.convert("RGB")
 
 
-def _resize(image: Image.Image, config: Preprocessing) -> Image.Image:
+def check_image_size(size: tuple[int, int], max_pixels: int, field_name: str = "image") -> None:
+    """Refuse an image whose pixels, sides or aspect ratio exceed the limits.
+
+    The aspect ratio bounds what a resize makes of it: a 1 x 4000 PNG of 100 bytes, shorter side
+    resized to 256, would be a 256 x 1,024,000 picture (2.5 GB as float32).
+    """
+    width, height = size
+    problem = ""
+    if width * height > max_pixels:
+        problem = f"{width * height} pixels exceeds the limit of {max_pixels}"
+    elif max(width, height) > MAX_IMAGE_SIDE:
+        problem = f"a side of {max(width, height)} pixels exceeds the limit of {MAX_IMAGE_SIDE}"
+    elif min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        problem = f"the aspect ratio exceeds the limit of {MAX_ASPECT_RATIO}:1"
+    if problem:
+        raise ResourceLimitError(f"{field_name}: {width}x{height} image: {problem}")
+
+
+def resized_size(size: tuple[int, int], config: Preprocessing) -> tuple[int, int]:
+    """(width, height) of the image after the preprocessing's resize, before any crop."""
+    width, height = size
     if config.resize == "exact":
-        return image.resize((int(config.size[1]), int(config.size[0])), Image.Resampling.BILINEAR)
+        return int(config.size[1]), int(config.size[0])
     if config.resize == "shorter_side":
-        target = int(config.size[0])
-        ratio = target / min(image.size)
-        return image.resize((round(image.width * ratio), round(image.height * ratio)), Image.Resampling.BILINEAR)
-    height, max_width = int(config.size[0]), int(config.size[1])
-    width = min(max_width, math.ceil(height * image.width / image.height))
-    return image.resize((width, height), Image.Resampling.BILINEAR)
+        ratio = int(config.size[0]) / min(width, height)
+        return round(width * ratio), round(height * ratio)
+    target_height, max_width = int(config.size[0]), int(config.size[1])
+    return min(max_width, math.ceil(target_height * width / height)), target_height
 
 
 def _center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
@@ -105,9 +131,17 @@ def _center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     return pixels[top : top + ch, left : left + cw]
 
 
-def preprocess(image: Image.Image, config: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """(input tensor [1, ...] float32, the RGB uint8 picture the tensor shows)."""
-    pixels = np.asarray(_resize(image, config), dtype=np.uint8)
+def preprocess(image: Image.Image, config: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
+               field_name: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """(input tensor [1, ...] float32, the RGB uint8 picture the tensor shows).
+
+    The resized size is checked against ``max_pixels`` before resizing, whatever the config.
+    """
+    width, height = resized_size(image.size, config)
+    if width * height > max_pixels:
+        raise ResourceLimitError(f"{field_name}: {image.width}x{image.height} image: resized to {width}x{height} "
+                                 f"= {width * height} pixels it would exceed the limit of {max_pixels}")
+    pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
     if config.crop:
         pixels = _center_crop(pixels, (int(config.crop[0]), int(config.crop[1])))
     picture = pixels

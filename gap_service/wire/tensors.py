@@ -23,6 +23,7 @@ DTYPES: dict[int, np.dtype] = {
 }
 _BY_KIND = {(dtype.kind, dtype.itemsize): code for code, dtype in DTYPES.items()}
 MAX_DIMS = 8
+MAX_ELEMENTS = 2**31 - 1  # a gRPC message (at most 2 GiB) holds fewer
 
 
 def dtype_code(dtype: np.dtype | type | str) -> int:
@@ -54,6 +55,8 @@ def from_tensor(tensor: pb.tensor.Tensor, field: str = "tensor") -> np.ndarray:
     """A Tensor as a numpy array (native byte order), checking dtype, shape and byte count.
 
     Sizes are computed with Python integers, so no shape can overflow into a wrong byte count.
+    Dimensions (zeros aside) multiply to at most ``MAX_ELEMENTS``: larger shapes could never
+    arrive with their data, and numpy cannot even make empty arrays of them.
     """
     dtype = DTYPES.get(tensor.dtype)
     if dtype is None:
@@ -63,6 +66,11 @@ def from_tensor(tensor: pb.tensor.Tensor, field: str = "tensor") -> np.ndarray:
         raise invalid(f"{field}.shape", f"rank {len(shape)} exceeds {MAX_DIMS}")
     if any(d < 0 for d in shape):
         raise invalid(f"{field}.shape", f"{list(shape)} has negative dimensions")
+    # numpy refuses (ValueError) shapes whose non-zero dims multiply past its index range, even empty ones.
+    elements = math.prod(d for d in shape if d)
+    if elements > MAX_ELEMENTS:
+        raise invalid(f"{field}.shape", f"{list(shape)}: its dimensions multiply to {elements} elements, "
+                                        f"more than a tensor may have ({MAX_ELEMENTS})")
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise invalid(f"{field}.data",
