@@ -142,7 +142,7 @@ def render_html(explanation: Explanation, title: str | None = None, max_nodes: i
     panel_hw = fit_size(picture.shape[:2], PANEL)
     patches = channel_patches(atlas, [explanation.nodes[i] for i in sorted(shown)]) if atlas is not None else {}
     rows, columns = grid_shape(atlas.top) if atlas is not None else (0, 0)
-    patches_w = grid_size(columns) + GAP if atlas is not None else 0
+    patches_w = grid_size(columns) + GAP if columns else 0
     return _TEMPLATE.render(
         explanation=explanation,
         title=title if title is not None else f"gAP explanation \u2014 {explanation.model}",

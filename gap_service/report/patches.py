@@ -72,7 +72,6 @@ def channel_patches(atlas: Atlas, nodes: Iterable[Node]) -> dict[tuple[str, int]
             entry = atlas.entry(layer, channel)
         except AtlasNotFoundError:
             continue
-        if len(entry.patches):
-            image = data_uri(grid_picture(entry.pixels[: rows * columns], rows, columns))
-            found[(layer, channel)] = ChannelPatches(f"atlas{len(found)}", image, entry)
+        image = data_uri(grid_picture(entry.pixels, rows, columns))
+        found[(layer, channel)] = ChannelPatches(f"atlas{len(found)}", image, entry)
     return found
