@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long in-flight requests may take to finish (default: 30)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs at start")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit if any model fails to load (default: serve the others; ListModels says why)")
     parser.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default: json)")
     parser.set_defaults(run=run)
 
@@ -87,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
             max_tree_nodes=args.max_tree_nodes, max_concurrent=concurrent, max_queue=args.max_queue,
         ),
         runtime=RuntimeConfig(providers=providers, threads=args.threads or threads),
-        grace_seconds=args.grace_period, warmup=not args.no_warmup,
+        grace_seconds=args.grace_period, warmup=not args.no_warmup, strict=args.strict,
     )
     return serve(config)

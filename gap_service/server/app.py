@@ -55,6 +55,7 @@ class ServeConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     grace_seconds: float = 30.0
     warmup: bool = True
+    strict: bool = False  # any model that fails to load stops the start (Triton's exit-on-error)
 
 
 def default_concurrency(runtime: RuntimeConfig) -> tuple[int, int]:
@@ -159,7 +160,8 @@ class GapServer:
         config = self.config
         keys = api_keys(config.api_keys) if config.api_keys else None  # bad key or certificate files stop the start
         credentials = config.tls.credentials() if config.tls else None
-        self.store = ModelStore(config.repository, config.runtime, config.models or None, config.limits.max_image_pixels)
+        self.store = ModelStore(config.repository, config.runtime, config.models or None, config.limits.max_image_pixels,
+                                strict=config.strict)
         self.store.prepare_all()  # compile only (fast): the layer shapes size the messages
         limits = config.limits
         workers = (limits.max_concurrent + limits.max_queue + limits.max_concurrent_predict
