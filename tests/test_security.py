@@ -216,7 +216,8 @@ def test_a_bad_security_file_stops_the_start(tmp_path, secrets):
     (tmp_path / "keys.json").write_text('[{"key": "short", "models": ["*"]}]')
     serve = [sys.executable, "-m", "gap_service.cli", "serve", "--port", "0", "--metrics-port", "-1", "--model", MODEL]
     for extra, message in ((["--api-keys", str(tmp_path / "keys.json")], "keys.json: key 0"),
-                           (["--tls-cert", str(secrets["tls_cert"]), "--tls-key", str(secrets["client_key"])], "KEY_VALUES_MISMATCH"),
+                           (["--tls-cert", str(secrets["tls_cert"]), "--tls-key", str(secrets["client_key"])],
+                            "KEY_VALUES_MISMATCH"),
                            (["--tls-cert", str(secrets["tls_cert"])], "--tls-cert and --tls-key go together")):
         result = subprocess.run([*serve, *extra], capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
@@ -262,7 +263,8 @@ def test_node_client_speaks_tls_mtls_and_tokens(node_client, tls_server, mtls_se
          "key": files["client_key"], "token": token(secrets)},
         {"name": "mtls without a certificate", "server": mtls_server.address, "model": MODEL, "ca": files["ca"],
          "token": token(secrets)},
-        {"name": "wrong key", "server": tls_server.address, "model": MODEL, "ca": files["ca"], "token": "not-a-key-of-this-server"},
+        {"name": "wrong key", "server": tls_server.address, "model": MODEL, "ca": files["ca"],
+         "token": "not-a-key-of-this-server"},
         {"name": "other model", "server": tls_server.address, "model": MODEL, "ca": files["ca"], "token": KEY_OTHER},
     ]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -293,7 +295,8 @@ def test_nginx_terminates_tls_and_speaks_mtls_to_the_replicas(mtls_server, secre
     (tmp_path / "gap-grpc.d").mkdir()
     (tmp_path / "gap-grpc.d" / "tls.conf").write_text(snippet.replace("listen 8443 ssl", f"listen 127.0.0.1:{port} ssl"))
     with nginx.start():
-        with GapClient(f"localhost:{port}", root_certificates=secrets["ca"], token=token(secrets), replays=0, timeout=10) as client:
+        with GapClient(f"localhost:{port}", root_certificates=secrets["ca"], token=token(secrets), replays=0,
+                       timeout=10) as client:
             assert client.health() == "SERVING"
             assert [m.name for m in client.list_models()] == [MODEL]
         with GapClient(f"localhost:{port}", root_certificates=secrets["ca"], token="not-a-key-of-this-server", replays=0,

@@ -68,15 +68,13 @@ def _signature(paths: Sequence[Path]) -> tuple[tuple[int, int, int], ...]:
 
 class Reloading(Generic[T]):
     """A value read from files, read again when one of them changes (checked at most every
-    ``check_seconds``). A change that does not load (a half-written file) keeps the old value and
-    logs why; the next change is tried again."""
+    RELOAD_CHECK_SECONDS). A change that does not load (a half-written file) keeps the old value
+    and logs why; the next change is tried again."""
 
-    def __init__(self, what: str, paths: Sequence[Path], load: Callable[[], T],
-                 check_seconds: float = RELOAD_CHECK_SECONDS) -> None:
+    def __init__(self, what: str, paths: Sequence[Path], load: Callable[[], T]) -> None:
         self.what = what
         self.paths = tuple(paths)
         self._load = load
-        self._check_seconds = check_seconds
         self._lock = threading.Lock()
         self._signature = _signature(self.paths)
         self.value = load()  # the first load fails loudly: the server does not start
@@ -84,7 +82,7 @@ class Reloading(Generic[T]):
 
     def refresh(self) -> T | None:
         """The new value when the files changed and load, else None (the current value stays)."""
-        if not self.paths or time.monotonic() - self._checked < self._check_seconds:
+        if not self.paths or time.monotonic() - self._checked < RELOAD_CHECK_SECONDS:
             return None
         with self._lock:
             self._checked = time.monotonic()
@@ -135,7 +133,8 @@ class TlsFiles:
         try:
             context.load_cert_chain(self.cert, self.key)  # PEM, and the key is the certificate's
         except ssl.SSLError as exc:
-            raise SecurityConfigError(f"{self.cert} with {self.key}: not a PEM certificate and its key ({exc.reason or exc})") from exc
+            raise SecurityConfigError(
+                f"{self.cert} with {self.key}: not a PEM certificate and its key ({exc.reason or exc})") from exc
         if roots is not None:
             try:
                 context.load_verify_locations(cadata=roots.decode("ascii", "replace"))
@@ -143,9 +142,9 @@ class TlsFiles:
                 raise SecurityConfigError(f"{self.client_ca}: not PEM CA certificates ({exc})") from exc
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=roots)
 
-    def credentials(self, check_seconds: float = RELOAD_CHECK_SECONDS) -> grpc.ServerCredentials:
+    def credentials(self) -> grpc.ServerCredentials:
         """Server credentials whose certificates follow the files (a new connection gets the new ones)."""
-        files = Reloading("TLS certificates", self.paths, self.configuration, check_seconds)
+        files = Reloading("TLS certificates", self.paths, self.configuration)
         return grpc.dynamic_ssl_server_credentials(files.value, files.refresh,
                                                    require_client_authentication=self.client_ca is not None)
 
@@ -157,7 +156,7 @@ def key_digest(key: str) -> bytes:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """One key: a name for the logs, the SHA-256 of the key, the models it may use (glob patterns)."""
+    """One key: its name (in messages about the key file), the key's SHA-256, the models it may use (globs)."""
 
     name: str
     digest: bytes
@@ -233,7 +232,7 @@ def _parse_key(entry: Any, where: str) -> ApiKey:
     return ApiKey(str(name), digest, tuple(models))
 
 
-def api_keys(source: str, check_seconds: float = RELOAD_CHECK_SECONDS) -> Reloading[ApiKeys]:
+def api_keys(source: str) -> Reloading[ApiKeys]:
     """The keys of ``source`` (a file, read again when it changes, or ``env:NAME``)."""
     if source.startswith("env:"):
         name = source[4:]
@@ -242,8 +241,8 @@ def api_keys(source: str, check_seconds: float = RELOAD_CHECK_SECONDS) -> Reload
             raise SecurityConfigError(f"the environment variable {name} (API keys) is not set")
         return Reloading(f"API keys from ${name}", (), lambda: ApiKeys.parse(text, f"${name}"))
     path = Path(source)
-    return Reloading(f"API keys {path}", (path,), lambda: ApiKeys.parse(_read(path, "API key file").decode(), str(path)),
-                     check_seconds)
+    return Reloading(f"API keys {path}", (path,),
+                     lambda: ApiKeys.parse(_read(path, "API key file").decode("utf-8", "replace"), str(path)))
 
 
 # -- the interceptor ------------------------------------------------------------------------------------
