@@ -21,7 +21,7 @@ from .errors import ResourceLimitError, invalid
 
 DEFAULT_MAX_PIXELS = 40_000_000
 MAX_IMAGE_SIDE = 32_768
-MAX_ASPECT_RATIO = 100  # text lines are at most ~1:50; a resize makes the rest huge (check_image_size)
+MAX_ASPECT_RATIO = 100  # for shorter-side resizing (check_resize)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # not EPS (runs Ghostscript), nor TIFF's many codecs
 
 # Our own limits are checked right after Pillow's header-only open; its warning (printed to stderr
@@ -77,7 +77,7 @@ class Preprocessing:
 
 def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, field_name: str = "image") -> Image.Image:
     """Decode PNG/JPEG/WebP/BMP/GIF to RGB, refusing corrupt images and, from the header alone
-    (before any pixel is decompressed), images over the limits (``check_image_size``)."""
+    (before any pixel is decompressed), images over the limits of ``check_image_size``."""
     try:
         image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else str(data), formats=IMAGE_FORMATS)
         check_image_size(image.size, max_pixels, field_name)
@@ -93,21 +93,35 @@ def decode_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def check_image_size(size: tuple[int, int], max_pixels: int, field_name: str = "image") -> None:
-    """Refuse an image whose pixels, sides or aspect ratio exceed the limits.
-
-    The aspect ratio bounds what a resize makes of it: a 1 x 4000 PNG of 100 bytes, shorter side
-    resized to 256, would be a 256 x 1,024,000 picture (2.5 GB as float32).
-    """
+    """Refuse an image whose pixels or sides exceed the limits (from its header: nothing decoded yet)."""
     width, height = size
     problem = ""
     if width * height > max_pixels:
         problem = f"{width * height} pixels exceeds the limit of {max_pixels}"
     elif max(width, height) > MAX_IMAGE_SIDE:
         problem = f"a side of {max(width, height)} pixels exceeds the limit of {MAX_IMAGE_SIDE}"
-    elif min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        problem = f"the aspect ratio exceeds the limit of {MAX_ASPECT_RATIO}:1"
+    elif min(width, height) < 1:
+        problem = "it has no pixels"
     if problem:
         raise ResourceLimitError(f"{field_name}: {width}x{height} image: {problem}")
+
+
+def check_resize(size: tuple[int, int], config: Preprocessing, max_pixels: int, field_name: str = "image") -> tuple[int, int]:
+    """The resized (width, height), refused before resizing if the picture would be too large.
+
+    A shorter-side resize keeps the aspect ratio, so that is bounded too: a 1 x 4000 PNG of 100
+    bytes would become 256 x 1,024,000 pixels (2.5 GB as float32).
+    """
+    width, height = size
+    resized = resized_size(size, config)
+    problem = ""
+    if config.resize == "shorter_side" and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        problem = f"its aspect ratio exceeds the limit of {MAX_ASPECT_RATIO}:1"
+    elif resized[0] * resized[1] > max_pixels:
+        problem = f"resized to {resized[0]}x{resized[1]} it would exceed the limit of {max_pixels} pixels"
+    if problem:
+        raise ResourceLimitError(f"{field_name}: {width}x{height} image: {problem}")
+    return resized
 
 
 def resized_size(size: tuple[int, int], config: Preprocessing) -> tuple[int, int]:
@@ -133,15 +147,9 @@ def _center_crop(pixels: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
 
 def preprocess(image: Image.Image, config: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS,
                field_name: str = "image") -> tuple[np.ndarray, np.ndarray]:
-    """(input tensor [1, ...] float32, the RGB uint8 picture the tensor shows).
-
-    The resized size is checked against ``max_pixels`` before resizing, whatever the config.
-    """
-    width, height = resized_size(image.size, config)
-    if width * height > max_pixels:
-        raise ResourceLimitError(f"{field_name}: {image.width}x{image.height} image: resized to {width}x{height} "
-                                 f"= {width * height} pixels it would exceed the limit of {max_pixels}")
-    pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+    """(input tensor [1, ...] float32, the RGB uint8 picture the tensor shows); ``check_resize`` first."""
+    resized = check_resize(image.size, config, max_pixels, field_name)
+    pixels = np.asarray(image.resize(resized, Image.Resampling.BILINEAR), dtype=np.uint8)
     if config.crop:
         pixels = _center_crop(pixels, (int(config.crop[0]), int(config.crop[1])))
     picture = pixels

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidModelError, UnknownModelError
+from .errors import GapError, InvalidModelError, UnknownModelError, quoted
 from .explainer import Explainer
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
@@ -37,25 +37,53 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
+        """The config in ``path``; every error names the file and the key."""
         try:
             data: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InvalidModelError(f"cannot read model config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise InvalidModelError(f"{path}: the config must be a JSON object")
         known = set(cls.__dataclass_fields__) | {"description"}
         unknown = set(data) - known
         if unknown:
             raise InvalidModelError(f"{path}: unknown config keys {sorted(unknown)}")
+        wrong = [f"'{key}' must be {what}" for key, (what, valid) in _CONFIG_TYPES.items() if key in data and not valid(data[key])]
+        if wrong:
+            raise InvalidModelError(f"{path}: {'; '.join(wrong)}")
+        try:
+            preprocessing = Preprocessing.from_dict(data.get("preprocessing") or {})
+        except GapError as exc:
+            raise InvalidModelError(f"{path}: {exc.message}") from exc
         return cls(
             name=str(data.get("name") or path.parent.name),
             labels=tuple(data.get("labels") or ()),
             description=str(data.get("description", "")),
-            preprocessing=Preprocessing.from_dict(data.get("preprocessing") or {}),
+            preprocessing=preprocessing,
             input_shape=tuple(data["input_shape"]) if data.get("input_shape") else None,
             layers=tuple(data["layers"]) if data.get("layers") else None,
             output=data.get("output"),
             explain_probability=bool(data.get("explain_probability", False)),
             default_version=data.get("default_version"),
         )
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+_CONFIG_TYPES: dict[str, tuple[str, Any]] = {
+    "name": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+    "labels": ("a list of strings", lambda v: v is None or _strings(v)),
+    "description": ("a string", lambda v: isinstance(v, str)),
+    "preprocessing": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "input_shape": ("a list of positive integers", lambda v: v is None or (isinstance(v, list) and all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in v))),
+    "layers": ("a list of strings", lambda v: v is None or _strings(v)),
+    "output": ("a string", lambda v: v is None or isinstance(v, str)),
+    "explain_probability": ("true or false", lambda v: isinstance(v, bool)),
+    "default_version": ("a version number", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+}
 
 
 @dataclass(frozen=True)
@@ -79,30 +107,64 @@ class ModelEntry:
         )
 
 
-def load_repository(root: str | Path) -> dict[str, ModelEntry]:
-    """Scan a repository directory; every problem names the file it is about."""
+@dataclass(frozen=True)
+class Repository:
+    """A scanned repository: the entries that can be loaded, and why each other folder cannot."""
+
+    entries: dict[str, ModelEntry]
+    problems: dict[str, str]  # model (or folder) name -> reason, naming the model and the file
+
+
+def scan_repository(root: str | Path) -> Repository:
+    """Scan a repository directory; a bad model folder is a problem of its own, not of the others."""
     root = Path(root)
     if not root.is_dir():
         raise InvalidModelError(f"model repository {root} is not a directory")
     entries: dict[str, ModelEntry] = {}
+    problems: dict[str, str] = {}
+    found: list[tuple[Path, ModelEntry]] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise InvalidModelError(f"{folder}: missing config.json")
-        config = ModelConfig.from_file(config_path)
-        versions = sorted(int(v.name) for v in folder.iterdir() if v.is_dir() and v.name.isdigit() and (v / "model.onnx").is_file())
-        if not versions:
-            raise InvalidModelError(f"{folder}: no version folder with a model.onnx (expected {folder}/1/model.onnx)")
-        version = config.default_version or versions[-1]
-        if version not in versions:
-            raise InvalidModelError(f"{config_path}: default_version {version} is not among {versions}")
-        entries[config.name] = ModelEntry(config, version, folder / str(version) / "model.onnx", tuple(versions))
-    if not entries:
+        try:
+            found.append((folder, _entry(folder)))
+        except GapError as exc:
+            problems[folder.name] = f"model {quoted(folder.name)}: {exc.message}"
+    # The folder named like the model owns the name; among the others, the first in order does.
+    for folder, entry in sorted(found, key=lambda item: item[0].name != item[1].config.name):
+        name = entry.config.name
+        if name in entries:
+            problems[folder.name] = (f"model {quoted(folder.name)}: {folder / 'config.json'}: the name {quoted(name)} "
+                                     f"is taken by the folder {quoted(entries[name].path.parent.parent.name)}")
+        else:
+            entries[name] = entry
+    if not entries and not problems:
         raise InvalidModelError(f"model repository {root} holds no models")
-    return entries
+    return Repository(dict(sorted(entries.items())), problems)
+
+
+def _entry(folder: Path) -> ModelEntry:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InvalidModelError(f"{folder}: missing config.json")
+    config = ModelConfig.from_file(config_path)
+    versions = sorted(int(v.name) for v in folder.iterdir()
+                      if v.name.isascii() and v.name.isdigit() and int(v.name) < 2**63 and (v / "model.onnx").is_file())
+    if not versions:
+        raise InvalidModelError(f"{folder}: no version folder with a model.onnx (expected {folder}/1/model.onnx)")
+    version = config.default_version or versions[-1]
+    if version not in versions:
+        raise InvalidModelError(f"{config_path}: default_version {version} is not among {versions}")
+    return ModelEntry(config, version, folder / str(version) / "model.onnx", tuple(versions))
+
+
+def load_repository(root: str | Path) -> dict[str, ModelEntry]:
+    """The repository's entries; if any folder has a problem, one error listing every problem."""
+    repository = scan_repository(root)
+    if repository.problems:
+        raise InvalidModelError("; ".join(repository.problems.values()))
+    return repository.entries
 
 
 def find_model(entries: dict[str, ModelEntry], name: str) -> ModelEntry:
     if name not in entries:
-        raise UnknownModelError(f"unknown model '{name}'; the repository has {sorted(entries)}")
+        raise UnknownModelError(f"unknown model {quoted(name)}; the repository has {sorted(entries)}")
     return entries[name]

@@ -21,7 +21,7 @@ from google.protobuf import message as protobuf_message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..errors import CancelledError, FieldViolation, GapError
+from ..errors import CancelledError, FieldViolation, GapError, printable
 
 log = logging.getLogger("gap_service.server")
 
@@ -37,6 +37,11 @@ class UnavailableError(GapError):
 
     kind = "unavailable"
 
+
+# Status message and details travel in trailers, and a default client accepts 8 KB of metadata:
+# whatever a message echoes (names, paths), it stays well below that.
+MAX_MESSAGE_CHARS = 1024
+MAX_VIOLATIONS = 8
 
 CODES: dict[str, grpc.StatusCode] = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,7 +67,7 @@ def status_for(exc: BaseException, context: grpc.ServicerContext | None = None) 
         code = CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT)
         if code == grpc.StatusCode.CANCELLED and _deadline_passed(context):
             code = grpc.StatusCode.DEADLINE_EXCEEDED
-        message = exc.message
+        message = printable(exc.message, MAX_MESSAGE_CHARS)
     else:
         code = grpc.StatusCode.INTERNAL
         message = f"internal error ({type(exc).__name__}); see the server log"
@@ -71,7 +76,8 @@ def status_for(exc: BaseException, context: grpc.ServicerContext | None = None) 
     if violations:
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in violations
+            error_details_pb2.BadRequest.FieldViolation(field=printable(v.field), description=printable(v.description))
+            for v in violations[:MAX_VIOLATIONS]
         ]))
         status.details.append(detail)
     return code, status

@@ -6,6 +6,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ..errors import printable
 from .errors import CallRecord
 
 log = logging.getLogger("gap_service.server")
@@ -29,6 +30,8 @@ class Metrics:
         self.model_load = Gauge("gap_model_load_seconds", "Seconds to load, compile and warm up a model.", ["model"], registry=r)
         self.model_info = Gauge("gap_model_info", "Served models (value 1) with their execution provider.",
                                 ["model", "version", "provider"], registry=r)
+        self.model_ready = Gauge("gap_model_ready", "1 for a served model, 0 for one that failed to load "
+                                 "(ListModels says why).", ["model"], registry=r)
         self.serving = Gauge("gap_serving", "1 while the server reports SERVING.", registry=r)
         self._http = None
 
@@ -37,7 +40,7 @@ class Metrics:
         self.requests.labels(record.rpc, record.code).inc()
         self.latency.labels(record.rpc).observe(seconds)
         log.info("request", extra={"fields": {
-            "rpc": record.rpc, "model": record.model, "code": record.code, "nodes": record.nodes,
+            "rpc": record.rpc, "model": printable(record.model), "code": record.code, "nodes": record.nodes,
             "duration_ms": round(seconds * 1000, 3),
         }})
 

@@ -24,7 +24,7 @@ from ..wire.messages import OutputOptions
 from .errors import CallRecord, embedded
 from .limits import Admission, ServerLimits
 from .metrics import Metrics
-from .store import LoadedModel, ModelStore
+from .store import LoadedModel, ModelStatus, ModelStore
 
 S = pb.service
 M = pb.model
@@ -57,15 +57,18 @@ class GapServicer:
 
     # -- description ----------------------------------------------------------------------------
     def ListModels(self, request: S.ListModelsRequest, context: grpc.ServicerContext, record: CallRecord) -> S.ListModelsResponse:
-        return S.ListModelsResponse(models=[self._summary(self.store.get(name)) for name in sorted(self.store.models)])
+        return S.ListModelsResponse(models=[self._summary(status) for status in self.store.statuses()])
 
     def GetModel(self, request: S.GetModelRequest, context: grpc.ServicerContext, record: CallRecord) -> S.GetModelResponse:
-        model = self._model(request.model, request.version, record)
-        return messages.description_proto(model.description, self._summary(model), self._limits(), model.load_seconds)
+        status = self.store.status(self._named(request.model, record), request.version)
+        if status.model is None:  # unavailable: its state and reason
+            return S.GetModelResponse(model=self._summary(status), limits=self._limits())
+        model = status.model
+        return messages.description_proto(model.description, self._summary(status), self._limits(), model.load_seconds)
 
-    def _summary(self, model: LoadedModel) -> M.ModelSummary:
-        entry = model.entry
-        return messages.summary_proto(model.description, model.name, entry.version, entry.versions, entry.config.description)
+    def _summary(self, status: ModelStatus) -> M.ModelSummary:
+        description = status.model.description if status.model else None
+        return messages.summary_proto(status.name, status.version, status.versions, status.text, description, status.reason)
 
     def _limits(self) -> M.Limits:
         limits = self.limits
@@ -166,11 +169,14 @@ class GapServicer:
         return summary
 
     # -- shared steps ---------------------------------------------------------------------------
-    def _model(self, name: str, version: int, record: CallRecord) -> LoadedModel:
+    def _named(self, name: str, record: CallRecord) -> str:
         if not name:
             raise invalid("model", "is required: the name of a model (see ListModels)")
         record.model = name
-        return self.store.get(name, version)
+        return name
+
+    def _model(self, name: str, version: int, record: CallRecord) -> LoadedModel:
+        return self.store.get(self._named(name, record), version)
 
     def _explain_call(self, query: messages.ExplainQuery, record: CallRecord, path: tuple[int, ...] = ()) -> ExplainCall:
         """Check the request before it queues for a slot (bad ones fail at once)."""

@@ -222,10 +222,14 @@ def prediction_from_proto(message: pb.service.PredictResponse) -> Prediction:
 
 
 # -- models -------------------------------------------------------------------------------------
-def summary_proto(description: ModelDescription, name: str, version: int, versions: Sequence[int],
-                  text: str) -> pb.model.ModelSummary:
+def summary_proto(name: str, version: int, versions: Sequence[int], text: str, description: ModelDescription | None,
+                  reason: str = "") -> pb.model.ModelSummary:
+    """A served model's summary, or (``description`` None) an unavailable one's, with the reason."""
+    if description is None:
+        return M.ModelSummary(name=name, version=version, versions=list(versions), description=text,
+                              state=M.MODEL_STATE_UNAVAILABLE, reason=reason)
     return M.ModelSummary(name=name, version=version, versions=list(versions), description=text,
-                          num_classes=description.num_classes, providers=description.providers)
+                          num_classes=description.num_classes, providers=description.providers, state=M.MODEL_STATE_READY)
 
 
 def description_proto(description: ModelDescription, summary: pb.model.ModelSummary, limits: pb.model.Limits,
