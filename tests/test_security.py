@@ -294,7 +294,7 @@ def test_nginx_terminates_tls_and_speaks_mtls_to_the_replicas(mtls_server, secre
     assert "/run/secrets/" not in re.sub(r"(?m)^#.*$", "", snippet), "every secret of the snippet is replaced"
     (tmp_path / "gap-grpc.d").mkdir()
     (tmp_path / "gap-grpc.d" / "tls.conf").write_text(snippet.replace("listen 8443 ssl", f"listen 127.0.0.1:{port} ssl"))
-    with nginx.start():
+    with nginx:
         with GapClient(f"localhost:{port}", root_certificates=secrets["ca"], token=token(secrets), replays=0,
                        timeout=10) as client:
             assert client.health() == "SERVING"
