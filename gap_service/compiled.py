@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -21,15 +22,17 @@ import onnxruntime as ort
 
 from . import runtime
 from .cache import BuildOnce
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidModelError
 from .graph.cone import Cone, find_cone
 from .graph.gradient import SEED, VJP, vjp_model
-from .graph.layers import Decision, LayerInfo, candidate_layers, channel_axes, find_decision, layer_info, require_layers
+from .graph.layers import (Decision, LayerInfo, branch_layers, candidate_layers, channel_axes, feature_maps, find_decision,
+                           layer_info, require_layers, seeded_layer)
 from .graph.loader import NormalizedModel
 from .graph.segment import MASK, segment_model
 from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement, level_model,
                      placement_for, run_bound, selection_session, to_float16)
 from .runtime import RuntimeConfig
+from .targets import Task, class_support, detect_layout
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +40,69 @@ log = logging.getLogger(__name__)
 class CompiledModel:
     """Normalised graph + sessions for fixed input shapes."""
 
-    def __init__(self, nm: NormalizedModel, runtime_config: RuntimeConfig, output: str | None, explain_probability: bool) -> None:
-        self.nm = nm
+    def __init__(self, nm: NormalizedModel, runtime_config: RuntimeConfig, output: str | None, explain_probability: bool,
+                 task: Task | None = None) -> None:
+        self._declared_task = task
+        # A multi-head detector's score outputs, joined into one tensor that a spread seed can lie on.
+        heads = task.detection.heads if task is not None and task.detection is not None else ()
+        self._joined_parts = tuple(head.scores for head in heads) if len(heads) > 1 else ()
+        self.joined = "+".join(self._joined_parts) if self._joined_parts else None
+        self.nm = _join(nm, self._joined_parts, self.joined) if self.joined else nm
         self.runtime = runtime_config
-        self._graph = nm.graph()  # the one graph-surgeon import: read by every pass, never changed
+        self._graph = self.nm.graph()  # the one graph-surgeon import: read by every pass, never changed
         self._output = output
         self._explain_probability = explain_probability
         self._cones: BuildOnce[tuple[str, str], Cone] = BuildOnce()
         self._layer_infos: BuildOnce[str, LayerInfo] = BuildOnce()
+        self._chains: BuildOnce[str, list[LayerInfo]] = BuildOnce()
+        self._decisions: BuildOnce[str, Decision] = BuildOnce()
         self._sessions: BuildOnce[tuple[str, ...], ort.InferenceSession] = BuildOnce()
         self._forward_lock = threading.Lock()
         self._forward: tuple[frozenset[str], ort.InferenceSession] | None = None
 
     # -- description --------------------------------------------------------------------------
-    @functools.cached_property
+    @property
     def decision(self) -> Decision:
-        return find_decision(self._graph, self.nm, self._output, self._explain_probability)
+        return self.decision_of(self._output)
+
+    def decision_of(self, output: str | None) -> Decision:
+        """The decision tensor of a graph output (its logits, where a softmax or sigmoid ends it);
+        None: the model's decision output (the first graph output, or the one configured)."""
+        return self._decisions.get(output or "", lambda: find_decision(self._graph, self.nm, output, self._explain_probability))
 
     @functools.cached_property
     def _channel_axes(self) -> dict[str, int]:
         return channel_axes(self._graph, self.nm)
 
     @functools.cached_property
+    def task(self) -> Task | None:
+        """The declared task, else a detection task where the outputs are an unambiguous YOLO head."""
+        if self._declared_task is not None:
+            return self._declared_task
+        layout = detect_layout({name: self.shape(name) for name in self.nm.outputs}, self.input_hw)
+        return Task("detection", layout, declared=False) if layout is not None else None
+
+    @functools.cached_property
+    def input_hw(self) -> tuple[int, int]:
+        """Height and width of the (first) image input, from its layout."""
+        name, shape = next(iter(self.nm.inputs.items()))
+        if len(shape) != 4:
+            return (1, 1)
+        axis = self.layer(name).channel_axis if name in self.nm.shapes else 1
+        spatial = [d for index, d in enumerate(shape) if index not in (0, axis)]
+        return int(spatial[0]), int(spatial[1])
+
+    @functools.cached_property
+    def _maps(self) -> dict[str, LayerInfo]:
+        return feature_maps(self._graph, self.nm, self._channel_axes)
+
+    @property
     def _default_layers(self) -> list[LayerInfo]:
-        return candidate_layers(self._graph, self.nm, self.decision, self._channel_axes)
+        return self.chain(self.decision.logits)
+
+    def chain(self, top: str) -> list[LayerInfo]:
+        """The candidate layers below tensor ``top``, highest first (graph/layers.py)."""
+        return self._chains.get(top, lambda: candidate_layers(self._graph, self._maps, top))
 
     @property
     def layers(self) -> list[LayerInfo]:
@@ -85,6 +127,43 @@ class CompiledModel:
     def path_elements(self, upper: str, lower: str) -> int:
         """Elements of all forward tensors on the path from ``lower`` to ``upper`` (a per-seed memory estimate)."""
         return self.cone(upper, lower).path_elements
+
+    def seeded_layers(self, root: str, seed: np.ndarray) -> list[LayerInfo]:
+        """The candidate layers for a seed on ``root``: the map all of its support flows through,
+        then the chain below that map."""
+        first = seeded_layer(self._graph, self.nm, self._maps, root, seed != 0)
+        if first is None:
+            raise InvalidModelError(f"no 4-D feature map (batch 1, spatial size > 1, two or more channels) carries "
+                                    f"the seed on '{root}' as a whole: nothing to decompose it into")
+        return self._from(first)
+
+    def _from(self, first: LayerInfo) -> list[LayerInfo]:
+        """``first``, then the chain below it (built once per map)."""
+        return self._chains.get(f"from {first.name}", lambda: candidate_layers(self._graph, self._maps, first.name, first))
+
+    def root(self, seeds: Mapping[str, np.ndarray]) -> tuple[str, np.ndarray]:
+        """(tensor, seed) of a decision on one output, or on several: the joined score outputs of a
+        multi-head detector (a detection spread over the anchors of several heads)."""
+        if len(seeds) == 1:
+            (name, seed), = seeds.items()
+            return name, seed
+        if not set(seeds) <= set(self._joined_parts):
+            raise InvalidInputError(f"a seed on outputs {sorted(seeds)} spans outputs that are not joined into one tensor")
+        flat = [seeds[name].reshape(-1) if name in seeds else np.zeros(int(np.prod(self.shape(name))), np.float32)
+                for name in self._joined_parts]
+        return self.joined, np.concatenate(flat)[None]  # type: ignore[return-value]
+
+    def _branch_layers(self) -> list[LayerInfo]:
+        """A detector's head branches: the first layers one detection's seed can have, found with a
+        probe seed per score output (one class at every anchor)."""
+        task = self.task
+        if task is None or task.detection is None:
+            return []
+        layout = task.detection
+        probes = class_support(layout, {name: self.shape(name) for name in layout.output_names}, 0)
+        found = {info.name: info for name, probe in probes.items()
+                 for info in branch_layers(self._graph, self.nm, self._maps, name, probe)}
+        return list(found.values())
 
     @property
     def providers(self) -> list[str]:
@@ -173,10 +252,16 @@ class CompiledModel:
         """What explanations along the default chain read: the decision, the default layers and
         the side inputs of each pair, so the first forward session already serves them."""
         decision = self.decision
-        chain = [decision.logits, *(info.name for info in self._default_layers)]
-        names = {*chain, *([decision.probabilities] if decision.probabilities else [])}
-        for upper, lower in zip(chain[:-1], chain[1:]):
-            names.update(self.state_names(upper, lower))
+        chains = [[decision.logits, *(info.name for info in self._default_layers)]]
+        names = {decision.logits, *([decision.probabilities] if decision.probabilities else [])}
+        task = self.task
+        if task is not None and task.detection is not None:  # decoded before their layers are known
+            names.update(task.detection.output_names)
+            chains.extend([info.name for info in self._from(first)] for first in self._branch_layers())
+        for chain in chains:
+            names.update(chain)
+            for upper, lower in zip(chain[:-1], chain[1:]):
+                names.update(self.state_names(upper, lower))
         return frozenset(names - set(self.nm.inputs))
 
     def _forward_session(self, names: Iterable[str]) -> ort.InferenceSession:
@@ -207,3 +292,19 @@ class CompiledModel:
             elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(self.nm.dtypes[name]))
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, list(self.nm.shapes[name])))
         return model
+
+
+def _join(nm: NormalizedModel, names: tuple[str, ...], joined: str) -> NormalizedModel:
+    """The model with one more tensor, ``joined``: ``names`` flattened and concatenated, [1, total]."""
+    model = onnx.ModelProto()
+    model.CopyFrom(nm.model)
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, -1], np.int64), f"{joined}/shape"))
+    flat = [f"{name}/flat" for name in names]
+    graph.node.extend(onnx.helper.make_node("Reshape", [name, f"{joined}/shape"], [out], name=out)
+                      for name, out in zip(names, flat))
+    graph.node.append(onnx.helper.make_node("Concat", flat, [joined], name=joined, axis=1))
+    sizes = {out: (1, int(np.prod(nm.shapes[name]))) for name, out in zip(names, flat)}
+    shapes = {**nm.shapes, **sizes, joined: (1, sum(size for _, size in sizes.values()))}
+    dtypes = {**nm.dtypes, **{name: np.dtype(np.float32) for name in [*flat, joined]}}
+    return replace(nm, model=model, shapes=shapes, dtypes=dtypes)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from . import decisions
 from .compiled import CompiledModel
 from .errors import CancelledError, invalid
 from .explanation import Explanation, Node
+from .graph.layers import LayerInfo
 from .methods import CAM_METHODS, gap_map, supporting_channels
 from .options import ExplainOptions
 
@@ -25,12 +27,16 @@ from .options import ExplainOptions
 DEFAULT_BATCH_BYTES = {"cpu": 256 * 2**20, "cuda": 4 * 2**30}
 
 
+# Targets whose channel is a class, named by the model's labels (an element or a seed's -1 is none).
+LABELLED = ("class", "detection", "region")
+
 # Called after each level with the level, its new nodes and the tree so far (level 0: the root).
 LevelCallback = Callable[[int, list[Node], Explanation], None]
 
 
-def resolve_layers(compiled: CompiledModel, options: ExplainOptions) -> list[str]:
-    candidates = list(options.layers) if options.layers else [info.name for info in compiled.layers]
+def resolve_layers(compiled: CompiledModel, options: ExplainOptions, found: Callable[[], list[LayerInfo]]) -> list[str]:
+    """``options.layers``, else the ``found`` chain for this decision, cut to ``options.depth``."""
+    candidates = list(options.layers) if options.layers else [info.name for info in found()]
     for index, name in enumerate(candidates):
         info = compiled.layer(name)  # raises UnknownTensorError for unknown names
         if len(info.shape) != 4 or info.shape[0] != 1:
@@ -39,14 +45,6 @@ def resolve_layers(compiled: CompiledModel, options: ExplainOptions) -> list[str
     if options.depth > len(candidates):
         raise invalid("options.depth", f"{options.depth} levels exceed the {len(candidates)} layers of the chain {candidates}")
     return candidates[: options.depth]
-
-
-def resolve_target(compiled: CompiledModel, logits: np.ndarray, target: int | None) -> int:
-    if target is None:
-        return int(np.argmax(logits))
-    if not 0 <= target < logits.size:
-        raise invalid("options.target", f"class {target} is out of range [0, {logits.size})")
-    return int(target)
 
 
 def channel_first(values: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -77,37 +75,36 @@ def explain(
     on_level: LevelCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Explanation:
-    layers = resolve_layers(compiled, options)
-    decision = compiled.decision
-    chain = [decision.logits, *layers]
+    plan = decisions.plan(compiled, options)
+    early = _root_before_forward(compiled, plan)  # None: a detection, whose seed needs its decoded boxes
+    layers = _layers(compiled, options, *early) if early is not None else None
+    wanted = set(plan.reads) | (_chain_state(compiled, [early[0], *layers]) if early is not None else set())
+    state = compiled.forward_device(feeds, sorted(wanted))  # the one forward run
+    root = plan.resolve({name: state[name].numpy() for name in plan.reads})
+    top, seed = compiled.root(root.seeds)
+    if layers is None:
+        layers = _layers(compiled, options, top, seed)
+        missing = _chain_state(compiled, [top, *layers]) - set(state)
+        if missing:  # not among the tapped head branches (a spread seed joining below them): one more run
+            state.update(compiled.forward_device(feeds, sorted(missing)))
+    chain = [top, *layers]
     pairs = list(zip(chain[:-1], chain[1:]))
-    state_names = {decision.logits, *layers}
-    if decision.probabilities:
-        state_names.add(decision.probabilities)
-    for upper, lower in pairs:
-        state_names.update(compiled.state_names(upper, lower))
-    state = compiled.forward_device(feeds, sorted(state_names))  # the one forward run
-
-    logits = state[decision.logits].numpy()
-    target = resolve_target(compiled, logits, options.target)
-    probability = float(state[decision.probabilities].numpy().reshape(-1)[target]) if decision.probabilities else None
-    root_seed = np.zeros((1, *logits.shape), dtype=np.float32)
-    root_seed.reshape(-1)[target] = 1.0
-    label = labels[target] if labels is not None and target < len(labels) else None
+    explained = root.target
+    target = explained.channel
+    label = labels[target] if labels is not None and 0 <= target < len(labels) and explained.kind in LABELLED else None
 
     first = compiled.layer(layers[0])
-    root = Node(0, None, 0, decision.logits, target, float(logits.reshape(-1)[target]), 1.0,
-                np.zeros(first.spatial_shape, dtype=np.float32))
-    nodes = [root]
+    root_node = Node(0, None, 0, top, target, explained.score, 1.0, np.zeros(first.spatial_shape, dtype=np.float32))
+    nodes = [root_node]
     explanation = Explanation(
-        model=model_name, target=target, label=label, logit=root.score, probability=probability,
-        layers=layers, score_mode=options.score, nodes=nodes,
-        input_hw=input_hw(compiled), picture=picture,
+        model=model_name, target=target, label=label, logit=root_node.score, probability=explained.probability,
+        layers=layers, score_mode=options.score, nodes=nodes, input_hw=compiled.input_hw, picture=picture,
+        explained=explained,
     )
     if on_level is not None:
-        on_level(0, [root], explanation)
+        on_level(0, [root_node], explanation)
 
-    frontier = [_SeedBatch([0], compiled.placement.to_device(root_seed))]
+    frontier = [_SeedBatch([0], compiled.placement.to_device(np.ascontiguousarray(seed[None], np.float32)))]
     for level, (upper, lower) in enumerate(pairs, start=1):
         if not frontier:
             break
@@ -153,6 +150,24 @@ def explain(
     return explanation
 
 
+def _root_before_forward(compiled: CompiledModel, plan: decisions.Plan) -> tuple[str, np.ndarray | None] | None:
+    """(root tensor, seed) where the forward values are not needed to know them: a class vector
+    (whichever class: its layers are the chain below it, seed None), a seed, an element, a region."""
+    if plan.class_vector is not None:
+        return plan.class_vector, None
+    return compiled.root(plan.seeds) if plan.seeds is not None else None
+
+
+def _layers(compiled: CompiledModel, options: ExplainOptions, top: str, seed: np.ndarray | None) -> list[str]:
+    """The layers of a decision on ``top``: found from its seed's support (the chain below a class vector)."""
+    return resolve_layers(compiled, options, lambda: compiled.chain(top) if seed is None else compiled.seeded_layers(top, seed))
+
+
+def _chain_state(compiled: CompiledModel, chain: list[str]) -> set[str]:
+    """Forward tensors the level runs along ``chain`` read (its layers and their side inputs)."""
+    return {name for upper, lower in zip(chain[:-1], chain[1:]) for name in compiled.state_names(upper, lower)}
+
+
 def _follow_path(chosen: list[tuple[int, int, float]], channel: int, level: int, layer: str) -> list[tuple[int, int, float]]:
     """Keep only the path's child; a path step that is not a supporting channel is a bad request."""
     kept = [c for c in chosen if c[1] == channel]
@@ -187,13 +202,3 @@ def _chunk_size(compiled: CompiledModel, upper: str, lower: str, options: Explai
     per_seed = 4 * 3 * max(compiled.path_elements(upper, lower), 1)  # gradients, temporaries and the forward state
     bound = options.max_batch_bytes or DEFAULT_BATCH_BYTES.get(compiled.placement.device, DEFAULT_BATCH_BYTES["cpu"])
     return max(1, bound // per_seed)
-
-
-def input_hw(compiled: CompiledModel) -> tuple[int, int]:
-    """Height and width of the (first) image input, from its layout."""
-    name, shape = next(iter(compiled.nm.inputs.items()))
-    if len(shape) != 4:
-        return (1, 1)
-    axes = compiled.layer(name).channel_axis if name in compiled.nm.shapes else 1
-    spatial = [d for axis, d in enumerate(shape) if axis not in (0, axes)]
-    return int(spatial[0]), int(spatial[1])

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import engine, faithfulness
+from . import decisions, engine, faithfulness
 from .compiled import CompiledModel
 from .engine import LevelCallback
 from .errors import invalid
@@ -27,17 +27,19 @@ from .faithfulness import Ablation
 from .graph.layers import Decision, LayerInfo
 from .graph.loader import InputSpec, ModelSource, input_specs, normalize, read_model, resolve_input_shapes
 from .inputs import EncodedImage, InputPolicy, Inputs, Prepared
-from .options import ExplainOptions
-from .prediction import DEFAULT_TOP_CLASSES, Prediction, top_classes
+from .options import DetectionTarget, ElementTarget, ExplainOptions, RegionTarget
+from .prediction import DEFAULT_TOP_CLASSES, DetectedBox, Prediction, top_classes
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
+from .targets import Detection, Task
 
 if TYPE_CHECKING:
     from .atlas import Atlas
 
 MAX_SPECIALISATIONS = 4
 
-__all__ = ["EncodedImage", "ExplainOptions", "Explainer", "ModelDescription"]
+__all__ = ["DetectionTarget", "ElementTarget", "EncodedImage", "ExplainOptions", "Explainer", "ModelDescription",
+           "RegionTarget", "Task"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,12 @@ class ModelDescription:
     preprocessing: Preprocessing | None
     input_hw: tuple[int, int]
     providers: list[str]
+    task: Task | None = None  # declared in the config, or a detection head detected from the output shapes
+    classes: int = 0  # classes of the decision (a class vector's length, a detector's classes)
 
     @property
     def num_classes(self) -> int:
-        return int(np.prod(self.decision.shape))
+        return self.classes
 
     @property
     def max_map_elements(self) -> int:
@@ -73,6 +77,8 @@ class Explainer:
     chain) usually come from the model's config.json; ``fixed_shapes`` makes the configured input
     shapes the only ones accepted (a served model compiles once, whatever clients send).
     ``atlas_dir`` says where the model's channel atlas is (default: ``atlas/`` beside the file).
+    ``task`` (config.json's "task", docs/targets.md) says what the outputs mean: a detector's
+    layout, a dense map; it picks the decision an explanation without a target decomposes.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class Explainer:
         fixed_shapes: bool = False,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         atlas_dir: str | os.PathLike | None = None,
+        task: Task | Mapping[str, object] | None = None,
     ) -> None:
         self._proto = read_model(model_path_or_bytes)
         self._model_path = Path(model_path_or_bytes) if isinstance(model_path_or_bytes, (str, os.PathLike)) else None
@@ -102,6 +109,7 @@ class Explainer:
         self.labels = tuple(labels)
         self.preprocessing = preprocessing
         self.default_layers = tuple(layers) if layers else None
+        self.task = Task.from_config(task) if isinstance(task, Mapping) else task
         self._runtime = runtime or RuntimeConfig(providers=tuple(providers) if providers else None)
         self._output = output
         self._explain_probability = explain_probability
@@ -124,7 +132,7 @@ class Explainer:
                 self._compiled.move_to_end(key)
                 return compiled
         nm = normalize(self._proto, resolved)
-        compiled = CompiledModel(nm, self._runtime, self._output, self._explain_probability)
+        compiled = CompiledModel(nm, self._runtime, self._output, self._explain_probability, self.task)
         with self._lock:
             self._compiled[key] = compiled
             while len(self._compiled) > MAX_SPECIALISATIONS:
@@ -161,8 +169,8 @@ class Explainer:
         return ModelDescription(
             inputs=[(spec, tuple(compiled.nm.inputs[spec.name])) for spec in self.inputs],
             decision=compiled.decision, layers=[compiled.layer(name) for name in names], default_layers=tuple(chain),
-            labels=self.labels, preprocessing=self.preprocessing, input_hw=engine.input_hw(compiled),
-            providers=compiled.providers,
+            labels=self.labels, preprocessing=self.preprocessing, input_hw=compiled.input_hw,
+            providers=compiled.providers, task=compiled.task, classes=decisions.classes(compiled),
         )
 
     def atlas(self, required: bool = False) -> Atlas | None:
@@ -190,19 +198,36 @@ class Explainer:
 
     # -- predictions and explanations ---------------------------------------------------------------
     def predict(self, inputs: Inputs, top_k: int = DEFAULT_TOP_CLASSES) -> Prediction:
-        """The decision's logits and the ``top_k`` classes (labels and probabilities)."""
+        """The decision's output; the ``top_k`` classes (labels and probabilities) where it is a class
+        vector; a detector's decoded boxes (after NMS, best first)."""
         if top_k < 1:
             raise invalid("top_k", f"{top_k} must be at least 1")
         feeds = self.feeds(inputs)
         compiled = self._compiled_for(feeds)
         decision = compiled.decision
-        names = [decision.logits] + ([decision.probabilities] if decision.probabilities else [])
+        layout = compiled.task.detection if compiled.task is not None else None
+        names = [decision.logits, *([decision.probabilities] if decision.probabilities else []),
+                 *(layout.output_names if layout is not None else ())]
         started = time.perf_counter()
         values = compiled.forward(feeds, names)
+        found = decisions.detections(compiled, values) if layout is not None else []
         seconds = time.perf_counter() - started
         logits = values[decision.logits]
         probabilities = values[decision.probabilities] if decision.probabilities else None
-        return Prediction(logits, top_classes(logits, probabilities, self.labels, top_k), seconds)
+        classes = top_classes(logits, probabilities, self.labels, top_k) if decisions.is_class_vector(logits.shape) else []
+        return Prediction(logits, classes, seconds, [self._labelled(d) for d in found])
+
+    def detections(self, inputs: Inputs) -> list[DetectedBox]:
+        """The boxes the model's detection task decodes (after class-wise NMS, best first): what a
+        ``DetectionTarget`` indexes. An error for a model without a detection task."""
+        feeds = self.feeds(inputs)
+        compiled = self._compiled_for(feeds)
+        _, layout = decisions.detection_layout(compiled, "task")
+        return [self._labelled(d) for d in decisions.detections(compiled, compiled.forward(feeds, layout.output_names))]
+
+    def _labelled(self, detection: Detection) -> DetectedBox:
+        label = self.labels[detection.label] if detection.label < len(self.labels) else ""
+        return DetectedBox(detection.box, detection.label, label, detection.score, detection.outputs)
 
     def explain(
         self,
@@ -214,9 +239,12 @@ class Explainer:
         should_stop: Callable[[], bool] | None = None,
         **fields: object,
     ) -> Explanation:
-        """Decompose the decision for ``options.target`` (default: top-1) into a tree of supporting channels.
+        """Decompose the decision ``<seed, output>`` that ``options.target`` or ``options.seed`` names
+        (default: the model's task default, a classifier's top-1 class) into a tree of supporting
+        channels (docs/targets.md).
 
-        ``fields`` override single options (``explain(x, top_k=3, depth=2)``). ``root_path``
+        ``fields`` override single options (``explain(x, top_k=3, depth=2)``,
+        ``explain(x, target=DetectionTarget(0))``, ``explain(x, output="out", seed=array)``). ``root_path``
         (channels from the root) first follows one branch of the tree, decomposing only the
         path's nodes, and then the node it ends at in full: what "expand this node" needs, at the
         cost of the path plus the subtree (see ``expand``).
@@ -270,10 +298,9 @@ class Explainer:
         if bad:
             raise invalid("channels", f"{bad} out of range: layer '{layer}' has {info.channels} channels")
         logits = compiled.decision.logits
-        state = compiled.forward(feeds, [logits, *compiled.state_names(logits, layer)])
-        chosen = engine.resolve_target(compiled, state[logits], target)
-        seed = np.zeros(state[logits].shape, dtype=np.float32)
-        seed.reshape(-1)[chosen] = 1.0
+        plan = decisions.class_target(compiled, compiled.decision, target)
+        state = compiled.forward(feeds, [*plan.reads, *compiled.state_names(logits, layer)])
+        seed = plan.resolve(state).seeds[logits]
         return faithfulness.ablate(compiled, logits, layer, state, seed, channels)
 
     # -- gradients ------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from .errors import invalid
 class Node:
     """One node of the decomposition tree.
 
-    The root (level 0) is the decision: ``layer`` is the logits tensor and ``channel`` the target
-    class. A child at level d is channel ``channel`` of layer l_d supporting its parent;
+    The root (level 0) is the decision: ``layer`` is the tensor its seed lies on (the logits of a
+    classifier) and ``channel`` the target class (-1 for an element or a custom seed). A child at level d is channel ``channel`` of layer l_d supporting its parent;
     ``score`` is the channel's contribution sum, ``share`` its fraction of the parent's positive
     contributions, and ``map`` the positive contribution ReLU(C[k]) at layer resolution.
     """
@@ -45,6 +45,40 @@ class Node:
         }
 
 
+@dataclass(frozen=True, eq=False)
+class ExplainedTarget:
+    """What the root decision is: ``<seed, outputs>`` for one input (docs/targets.md)."""
+
+    kind: str  # "class", "detection", "region", "element" or "seed"
+    outputs: tuple[str, ...]  # the outputs the seed lies on (several: a detection spread over heads)
+    channel: int  # the class (class and detection targets), the region's channel, else -1
+    score: float  # <seed, outputs>: the root node's score
+    probability: float | None = None  # a class's probability, a detection's confidence
+    box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2: a detection's in input pixels,
+    #                                                       a region's in the pixels of its map
+    mask: np.ndarray | None = None  # a region's weights [H, W] on its map
+    map_hw: tuple[int, int] | None = None  # a region's map size (its box and mask scale from it to the input)
+    detection: int | None = None  # a detection's index among the decoded boxes, best first
+    index: tuple[int, ...] | None = None  # an element target's index into its output
+
+    def describe(self, label: str | None = None) -> str:
+        """One line a reader names the decision by, e.g. "detection 0 'title' (class 1) at [x1, y1, x2, y2]"."""
+        named = f" '{label}'" if label is not None else ""
+        where = ", ".join(self.outputs)
+        if self.kind == "class":
+            return f"class {self.channel}{named}"
+        if self.kind == "detection":
+            box = ", ".join(f"{v:.0f}" for v in self.box or ())
+            return f"detection {self.detection}{named} (class {self.channel}) at [{box}]"
+        if self.kind == "region":
+            extent = "a mask" if self.mask is not None and self.box is None else (
+                "[" + ", ".join(f"{v:g}" for v in self.box) + "]" if self.box is not None else "the whole map")
+            return f"region {extent} of channel {self.channel}{named} of '{where}'"
+        if self.kind == "element":
+            return f"element '{where}'{list(self.index or ())}"
+        return f"a seed on '{where}'"
+
+
 @dataclass
 class Explanation:
     """A gAP decomposition of one decision for one input."""
@@ -62,6 +96,7 @@ class Explanation:
     cams: dict[str, np.ndarray] = field(default_factory=dict)  # "gradcam"/"layercam" at layer l_1
     root_path: tuple[int, ...] = ()  # channels from the decision to nodes[0] (a subtree of an Expand)
     engine_seconds: float = 0.0  # time spent computing it (forward and gradient runs)
+    explained: ExplainedTarget | None = None  # what the decision is (a class, a detection's box, a region...)
 
     @property
     def root(self) -> Node:

