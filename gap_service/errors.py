@@ -85,20 +85,34 @@ def invalid(field: str, description: str) -> InvalidInputError:
 MAX_ECHO_CHARS = 256
 
 
+def _escaped(text: str, limit: int, quote: str = "") -> tuple[str, bool]:
+    """Up to ``limit`` characters of ``text`` with control characters (and ``quote``) escaped, and
+    whether it was cut; escaping as it goes, so the result stays near ``limit`` whatever the text."""
+    parts: list[str] = []
+    size = 0
+    for c in text:
+        if size >= limit:
+            return "".join(parts), True
+        piece = "\\" + c if c == quote else c if c.isprintable() else ascii(c)[1:-1]
+        parts.append(piece)
+        size += len(piece)
+    return "".join(parts), False
+
+
 def printable(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     """``value`` as a message or a log line may echo it: control characters escaped (a newline
-    cannot start a forged log line) and cut to ``limit`` characters, with the full length noted
+    cannot start a forged log line) and cut near ``limit`` characters, with the full length noted
     (a megabyte-long model name cannot bloat a status or a log)."""
     text = str(value)
-    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[:limit])
-    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+    shown, cut = _escaped(text, limit)
+    return f"{shown}... ({len(text)} characters)" if cut else shown
 
 
 def quoted(value: object, limit: int = MAX_ECHO_CHARS) -> str:
-    """``printable(value)`` in quotes, for names inside messages."""
+    """``printable(value)`` in quotes (quotes inside escaped), for names inside messages."""
     text = str(value)
-    inner = printable(text[:limit], limit).replace("'", "\\'")
-    return f"'{inner}'" if len(text) <= limit else f"'{inner}...' ({len(text)} characters)"
+    shown, cut = _escaped(text, limit, "'")
+    return f"'{shown}...' ({len(text)} characters)" if cut else f"'{shown}'"
 
 
 def raise_violations(violations: list[FieldViolation] | tuple[FieldViolation, ...]) -> None:
