@@ -109,6 +109,7 @@ CORPUS: dict[str, tuple[str, object, C]] = {
     "negative version": ("GetModel", S.GetModelRequest(model=OCR, version=-1), C.NOT_FOUND),
     "unknown layer": ("Explain", explain(layers=["no_such_layer"]), C.NOT_FOUND),
     "1 MB layer name": ("Explain", explain(layers=[MEGA_NAME]), C.NOT_FOUND),
+    "10^5 control characters in a layer name": ("Explain", explain(layers=["\x01" * 100_000]), C.NOT_FOUND),
     "GetChannel of an unknown model": ("GetChannel", S.GetChannelRequest(model=MEGA_NAME), C.NOT_FOUND),
     # tensors
     "no input": ("Predict", S.PredictRequest(model=OCR), C.INVALID_ARGUMENT),
