@@ -8,7 +8,7 @@ import json
 import shutil
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,7 @@ def png_header(width: int, height: int) -> bytes:
 GOOD_MODEL = "ppocr_cls"  # the smallest bundled model: the good neighbour of the bad ones
 
 
-def tiny_classifier(extra_nodes: list[onnx.NodeProto] = (), extra_initializers: list[onnx.TensorProto] = (),
+def tiny_classifier(extra_nodes: Sequence[onnx.NodeProto] = (), extra_initializers: Sequence[onnx.TensorProto] = (),
                     logits: str = "logits") -> onnx.ModelProto:
     """x [1, 3, 8, 8] -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> ``logits`` [1, 2]."""
     rng = np.random.RandomState(0)
