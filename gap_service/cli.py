@@ -9,7 +9,7 @@ import sys
 
 from .errors import GapError
 
-COMMANDS = ("inspect", "explain", "evaluate", "serve", "client", "atlas")
+COMMANDS = ("inspect", "explain", "detections", "evaluate", "serve", "client", "atlas")
 
 
 def build_parser() -> argparse.ArgumentParser:

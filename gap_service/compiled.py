@@ -135,9 +135,9 @@ class CompiledModel:
         if first is None:
             raise InvalidModelError(f"no 4-D feature map (batch 1, spatial size > 1, two or more channels) carries "
                                     f"the seed on '{root}' as a whole: nothing to decompose it into")
-        return self._from(first)
+        return self.chain_from(first)
 
-    def _from(self, first: LayerInfo) -> list[LayerInfo]:
+    def chain_from(self, first: LayerInfo) -> list[LayerInfo]:
         """``first``, then the chain below it (built once per map)."""
         return self._chains.get(f"from {first.name}", lambda: candidate_layers(self._graph, self._maps, first.name, first))
 
@@ -153,7 +153,7 @@ class CompiledModel:
                 for name in self._joined_parts]
         return self.joined, np.concatenate(flat)[None]  # type: ignore[return-value]
 
-    def _branch_layers(self) -> list[LayerInfo]:
+    def head_branches(self) -> list[LayerInfo]:
         """A detector's head branches: the first layers one detection's seed can have, found with a
         probe seed per score output (one class at every anchor)."""
         task = self.task
@@ -257,7 +257,7 @@ class CompiledModel:
         task = self.task
         if task is not None and task.detection is not None:  # decoded before their layers are known
             names.update(task.detection.output_names)
-            chains.extend([info.name for info in self._from(first)] for first in self._branch_layers())
+            chains.extend([info.name for info in self.chain_from(first)] for first in self.head_branches())
         for chain in chains:
             names.update(chain)
             for upper, lower in zip(chain[:-1], chain[1:]):

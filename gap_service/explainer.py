@@ -225,6 +225,20 @@ class Explainer:
         _, layout = decisions.detection_layout(compiled, "task")
         return [self._labelled(d) for d in decisions.detections(compiled, compiled.forward(feeds, layout.output_names))]
 
+    def warm_up(self) -> None:
+        """Build and run once, on zeros at the configured shapes, the sessions a first request needs:
+        a classifier's forward run and every level of its default chain. Other decisions depend on
+        the input (a detector finds no box in zeros), so they get the forward run only, whose taps
+        cover every head branch; their level graphs are built by their first request."""
+        compiled = self.compiled()
+        zeros = {name: np.zeros(shape, dtype=np.dtype(compiled.nm.dtypes[name])) for name, shape in compiled.nm.inputs.items()}
+        task = compiled.task
+        if (task is None or task.kind == "classification") and decisions.is_class_vector(compiled.decision.shape):
+            depth = len(self.default_layers or compiled.layers)
+            self.explain(zeros, top_k=1, depth=depth)
+        else:
+            compiled.forward(zeros, [compiled.decision.logits])
+
     def _labelled(self, detection: Detection) -> DetectedBox:
         label = self.labels[detection.label] if detection.label < len(self.labels) else ""
         return DetectedBox(detection.box, detection.label, label, detection.score, detection.outputs)

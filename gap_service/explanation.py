@@ -78,6 +78,14 @@ class ExplainedTarget:
             return f"element '{where}'{list(self.index or ())}"
         return f"a seed on '{where}'"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (a region's mask as its shape only)."""
+        return {"kind": self.kind, "outputs": list(self.outputs), "channel": self.channel, "score": self.score,
+                "probability": self.probability, "box": list(self.box) if self.box is not None else None,
+                "mask_shape": list(self.mask.shape) if self.mask is not None else None,
+                "map_hw": list(self.map_hw) if self.map_hw is not None else None, "detection": self.detection,
+                "index": list(self.index) if self.index is not None else None}
+
 
 @dataclass
 class Explanation:
@@ -166,6 +174,7 @@ class Explanation:
             "layers": list(self.layers),
             "score": self.score_mode,
             "input_hw": list(self.input_hw),
+            "explained": self.explained.to_dict() if self.explained is not None else None,
             "nodes": [n.to_dict() for n in self.nodes],
         }
 

@@ -11,39 +11,8 @@ import torch
 from gap_service import Explainer
 from gap_service.errors import CancelledError, GapError
 from support.models import export_onnx, sample_input, torch_case
+from support.reference import assert_same_tree, reference_tree, whole_graph
 from support.torch_oracle import TorchGraph
-
-
-def channel_first(values: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(values[0], axis - 1, 0)
-
-
-def reference_tree(oracle: TorchGraph, x: np.ndarray, logits: str, layers: list[str], axes: list[int],
-                   target: int, top_k: int, score: str) -> list[tuple[int | None, int, str, int, float]]:
-    """(parent, level, layer, channel, score) per node, in the engine's breadth-first order."""
-    acts = oracle.run({"input": x}, layers)
-    root_seed = np.zeros(oracle.run({"input": x}, [logits])[logits].shape)
-    root_seed.reshape(-1)[target] = 1.0
-    nodes: list[tuple[int | None, int, str, int, float]] = [(None, 0, logits, target, 0.0)]
-    frontier = [(0, root_seed)]
-    chain = [logits, *layers]
-    for level, (upper, lower) in enumerate(zip(chain[:-1], chain[1:]), start=1):
-        axis = axes[level - 1]
-        activation = channel_first(acts[lower], axis)
-        next_frontier = []
-        for node_id, seed in frontier:
-            grad = channel_first(oracle.vjp({"input": x}, upper, lower, seed[None])[0], axis)
-            contrib = grad * activation
-            scores = contrib.sum(axis=(1, 2)) if score == "net" else np.maximum(contrib, 0).sum(axis=(1, 2))
-            order = sorted((c for c in range(len(scores)) if scores[c] > 0), key=lambda c: (-scores[c], c))[:top_k]
-            for channel in order:
-                nodes.append((node_id, level, lower, channel, float(scores[channel])))
-                child_seed = np.zeros(acts[lower].shape)
-                view = np.moveaxis(child_seed[0], axis - 1, 0)
-                view[channel] = np.where(contrib[channel] > 0, grad[channel], 0)
-                next_frontier.append((len(nodes) - 1, child_seed))
-        frontier = next_frontier
-    return nodes
 
 
 @pytest.mark.parametrize("score", ["net", "positive"])
@@ -56,14 +25,13 @@ def test_tree_equals_torch_reference(name: str, score: str) -> None:
     infos = explainer.layer_infos()[:3]
     explanation = explainer.explain(x, top_k=3, depth=len(infos), score=score)
     oracle = TorchGraph(onnx.load_from_string(data))
-    expected = reference_tree(oracle, x, explainer.decision().logits, [i.name for i in infos],
-                              [i.channel_axis for i in infos], explanation.target, 3, score)
-    got = [(n.parent, n.level, n.layer, n.channel, n.score) for n in explanation.nodes]
-    assert [g[:4] for g in got] == [e[:4] for e in expected]
-    for level in range(1, explanation.depth + 1):
-        ours = np.array([g[4] for g in got if g[1] == level])
-        ref = np.array([e[4] for e in expected if e[1] == level])
-        assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    logits, layers = explainer.decision().logits, [i.name for i in infos]
+    seed = np.zeros(explainer.compiled().shape(logits))
+    seed.reshape(-1)[explanation.target] = 1.0
+    vjp, activations = whole_graph(oracle, {"input": x}, layers)
+    expected = reference_tree(vjp, activations, logits, seed, explanation.target, layers, [i.channel_axis for i in infos],
+                              3, score)
+    assert_same_tree([(n.parent, n.level, n.layer, n.channel, n.score) for n in explanation.nodes], expected)
 
 
 def test_cams_equal_their_definitions() -> None:

@@ -45,7 +45,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channel-order", choices=("RGB", "BGR"))
     group.add_argument("--layout", choices=("NCHW", "NHWC"))
     parser.add_argument("--labels", help="text file with one class label per line")
-    parser.add_argument("--output", help="explain this output tensor instead of the first graph output")
 
 
 def _numbers(text: str | None, cast=float):
@@ -102,12 +101,13 @@ def load_labels(args: argparse.Namespace, config: ModelConfig | None) -> tuple[s
 
 
 def build_explainer(args: argparse.Namespace, path: Path, config: ModelConfig | None, tensor: np.ndarray) -> Explainer:
-    """The model at the input's shape (or --input-shape), with the config's labels and default layers."""
+    """The model at the input's shape (or --input-shape), with the config's labels, default layers and task."""
     output = args.output or (config.output if config else None)
     probe = Explainer(path, output=output)
     shapes = input_shapes(args, [s.name for s in probe.inputs]) or {probe.inputs[0].name: tuple(tensor.shape)}
     return Explainer(path, output=output, input_shapes=shapes, name=config.name if config else path.stem,
-                     labels=load_labels(args, config), layers=config.layers if config else None, atlas_dir=args.atlas)
+                     labels=load_labels(args, config), layers=config.layers if config else None,
+                     atlas_dir=args.atlas, task=config.task if config else None)
 
 
 def progress(level: int, nodes: list[Node], tree: Explanation) -> None:

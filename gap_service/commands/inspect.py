@@ -10,12 +10,16 @@ import numpy as np
 
 from ..explainer import Explainer
 from ..graph.gradient import unsupported_ops
+from ..graph.layers import LayerInfo
+from ..targets import Task
 from .common import add_input_shape, input_shapes
+from .explain import resolve_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("inspect", help="list a model's inputs, outputs, candidate layers and unsupported ops")
-    parser.add_argument("model", help="path to an ONNX model")
+    parser = subparsers.add_parser("inspect", help="list a model's inputs, outputs, task, candidate layers (and why) "
+                                                   "and unsupported ops")
+    parser.add_argument("model", help="an ONNX file, or the name of a model in the bundled repository")
     add_input_shape(parser)
     parser.add_argument("--output", help="explain this output tensor instead of the first graph output")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -35,15 +39,28 @@ def describe(explainer: Explainer, gradient_check: bool = False) -> dict[str, An
         "inputs": [{"name": n, "shape": list(s), "dtype": str(nm.dtypes[n])} for n, s in nm.inputs.items()],
         "outputs": [{"name": n, "shape": list(nm.shapes.get(n, ()))} for n in nm.outputs],
         "decision": {"logits": decision.logits, "probabilities": decision.probabilities, "shape": list(decision.shape)},
-        "layers": [
-            {"name": i.name, "shape": list(i.shape), "channel_axis": i.channel_axis, "channels": i.channels, "op": i.op}
-            for i in compiled.layers
-        ],
+        "task": task_summary(compiled.task),
+        "layers": [layer_summary(i) for i in compiled.layers],
+        # A detector's layers depend on the detection: each head branch starts its own chain.
+        "head_branches": [[layer_summary(i) for i in compiled.chain_from(first)] for first in compiled.head_branches()],
         "unsupported_ops": [{"op": op, "node": name} for op, name in unsupported_ops(nm, decision.logits, path_start)],
     }
     if gradient_check:
         report["gradient_check"] = finite_difference_check(explainer)
     return report
+
+
+def layer_summary(info: LayerInfo) -> dict[str, Any]:
+    return {"name": info.name, "shape": list(info.shape), "channel_axis": info.channel_axis, "channels": info.channels,
+            "op": info.op, "reason": info.reason}
+
+
+def task_summary(task: Task | None) -> dict[str, Any] | None:
+    if task is None:
+        return None
+    layout = task.detection
+    return {"kind": task.kind, "declared": task.declared, "layout": layout.layout if layout else None,
+            "outputs": list(layout.output_names) if layout else ([task.output] if task.output else [])}
 
 
 def finite_difference_check(explainer: Explainer, seed: int = 0) -> dict[str, Any]:
@@ -74,11 +91,21 @@ def finite_difference_check(explainer: Explainer, seed: int = 0) -> dict[str, An
             "relative_error": abs(analytic - numeric) / max(abs(numeric), 1e-12)}
 
 
+def print_layers(title: str, layers: list[dict[str, Any]]) -> None:
+    print(title)
+    for item in layers:
+        print(f"  {item['name']:<40} {str(item['shape']):<22} channel axis {item['channel_axis']}  ({item['op']}): "
+              f"{item['reason']}")
+
+
 def run(args: argparse.Namespace) -> int:
-    explainer = Explainer(args.model, output=args.output)
+    path, config = resolve_model(args)
+    settings = {"output": args.output or (config.output if config else None), "task": config.task if config else None,
+                "input_shapes": config.input_shape if config else None}
+    explainer = Explainer(path, **settings)
     shapes = input_shapes(args, [s.name for s in explainer.inputs])
     if shapes:
-        explainer = Explainer(args.model, output=args.output, input_shapes=shapes)
+        explainer = Explainer(path, **{**settings, "input_shapes": shapes})
     report = describe(explainer, args.gradient_check)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -90,9 +117,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"  output {item['name']} {item['shape']}")
     d = report["decision"]
     print(f"decision: logits '{d['logits']}' {d['shape']}" + (f", probabilities '{d['probabilities']}'" if d["probabilities"] else ""))
-    print("candidate layers (highest first):")
-    for item in report["layers"]:
-        print(f"  {item['name']:<40} {str(item['shape']):<22} channel axis {item['channel_axis']}  ({item['op']})")
+    if report["task"]:
+        t = report["task"]
+        print(f"task: {t['kind']}" + (f" ({t['layout']} layout, reading {', '.join(t['outputs'])})" if t["layout"] else "")
+              + ("" if t["declared"] else ", detected from the output shapes"))
+    print_layers("candidate layers below the decision (highest first):", report["layers"])
+    for index, chain in enumerate(report["head_branches"]):
+        print_layers(f"head branch {index}: the layers of a detection whose seed flows through it:", chain)
     if report["unsupported_ops"]:
         print("unsupported ops on the path from the input to the decision:")
         for item in report["unsupported_ops"]:

@@ -192,7 +192,8 @@ def branch_layers(graph: gs.Graph, nm: NormalizedModel, maps: dict[str, LayerInf
     def first(name: str, value: Support, live: set[str]) -> bool:
         return _fed_by_every_channel(maps.get(name), value)
 
-    return [maps[name] for name, _ in backward(graph, nm.shapes, root, support, first)]
+    return [replace(maps[name], reason=f"the first map on this path from the seed on '{root}' (every channel feeds it)")
+            for name, _ in backward(graph, nm.shapes, root, support, first)]
 
 
 def _fed_by_every_channel(info: LayerInfo | None, support: Support) -> bool:

@@ -131,11 +131,34 @@ def _exact(node: gs.Node, first: Support, out: Mapping[str, Support], in_shapes:
         return [_gather_back(as_mask(first, out_shape), in_shapes[0], values[1], int(node.attrs.get("axis", 0))), None]
     if op == "Pad" and node.attrs.get("mode", "constant") == "constant" and values[1] is not None and len(node.inputs) < 4:
         return [_pad_back(first, in_shapes[0], np.asarray(values[1]).reshape(-1))] + [None] * (len(node.inputs) - 1)
+    if op == "Resize" and len(in_shapes[0]) == len(out_shape):  # axes it does not resize map one to one
+        kept = tuple(axis for axis, (a, b) in enumerate(zip(in_shapes[0], out_shape)) if a == b)
+        return [_keep_axes(first, in_shapes[0], kept)] + [None] * (len(node.inputs) - 1)
+    if _per_channel(node, in_shapes[0], out_shape):  # pooling, depthwise convolution: NCHW, channel by channel
+        return [_keep_axes(first, in_shapes[0], (0, 1))] + [None] * (len(node.inputs) - 1)
     if op == "Tile" and values[1] is not None:
         repeats = [int(r) for r in np.asarray(values[1]).reshape(-1)]
         grouped = first.reshape([v for r, s in zip(repeats, in_shapes[0]) for v in (r, s)])
         return [_trim(grouped.any(axis=tuple(range(0, 2 * len(repeats), 2)))), None]
     return None
+
+
+def _per_channel(node: gs.Node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> bool:
+    """Output channel k reads input channel k only (and batch n batch n)."""
+    if len(in_shape) != 4 or len(out_shape) != 4 or in_shape[:2] != out_shape[:2]:
+        return False
+    if entry(node.op).layout & Layout.POOLING:
+        return True
+    return node.op == "Conv" and int(node.attrs.get("group", 1)) == in_shape[1] > 1
+
+
+def _keep_axes(support: Support, in_shape: tuple[int, ...], kept: tuple[int, ...]) -> Support:
+    """The support mapped one to one along ``kept`` axes and spread along the others."""
+    if support is None or isinstance(support, str):
+        return support
+    spread = tuple(axis for axis in range(len(in_shape)) if axis not in kept)
+    folded = support.any(axis=spread, keepdims=True) if spread else support
+    return _trim(np.broadcast_to(folded, in_shape).copy())
 
 
 def _trim(mask: np.ndarray) -> Support:

@@ -18,6 +18,7 @@ from ..colors import png_bytes
 from ..explanation import Explanation, Node
 from .labels import decision_text, format_number, format_share, level_colour
 from .overlay import Thumbnails, fit_size, picture_of, stretch
+from .target import draw_target
 
 _INK = (15, 23, 42)
 _MUTED = (100, 116, 139)
@@ -219,7 +220,7 @@ def render_png(explanation: Explanation, levels: int = 2, path: str | Path | Non
         draw.text((margin, y), _fit_text(draw, text, _font(size), width - 2 * margin), fill=colour, font=_font(size))
         y += size + 10
     _draw_connectors(draw, boxes, (left, header))
-    _draw_nodes(canvas, draw, picture, boxes, sizes, (left, header))
+    _draw_nodes(canvas, draw, picture, boxes, sizes, (left, header), explanation)
     _draw_level_labels(draw, explanation, boxes, levels, header, margin)
     data = png_bytes(np.asarray(canvas))
     if path is not None:
@@ -228,8 +229,8 @@ def render_png(explanation: Explanation, levels: int = 2, path: str | Path | Non
 
 
 def _draw_nodes(canvas: Image.Image, draw: ImageDraw.ImageDraw, picture: np.ndarray, boxes: list[_Box],
-                sizes: dict[int, tuple[int, int]], offset: tuple[float, float]) -> None:
-    """Every node's overlay with its caption, and the input picture left of the root."""
+                sizes: dict[int, tuple[int, int]], offset: tuple[float, float], explanation: Explanation) -> None:
+    """Every node's overlay with its caption, and the input picture (with the target drawn) left of the root."""
     left, top = offset
     thumbs = {level: Thumbnails(picture, hw) for level, hw in sizes.items()}
     for box in boxes:
@@ -245,7 +246,7 @@ def _draw_nodes(canvas: Image.Image, draw: ImageDraw.ImageDraw, picture: np.ndar
 
     root, (root_h, root_w) = boxes[0], sizes[0]
     input_x = left + root.x - root_w - 40
-    _draw_thumb(canvas, draw, thumbs[0].base, input_x, top + root.y,
+    _draw_thumb(canvas, draw, draw_target(thumbs[0].base, explanation), input_x, top + root.y,
                 [("input", _INK, True), (f"{picture.shape[0]}x{picture.shape[1]}", _MUTED, False)],
                 _caption_font_size(min(sizes[0])))
     arrow_y = top + root.y + root_h / 2

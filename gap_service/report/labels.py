@@ -34,6 +34,10 @@ def short_name(name: str, limit: int = 21) -> str:
 
 
 def decision_text(explanation: Explanation) -> str:
-    """The explained decision as readers name it: the label when known, and the class index."""
+    """The explained decision as readers name it: the label when known, and the class index (or
+    what other target it is: a detection, a region, an element, a seed)."""
+    explained = explanation.explained
+    if explained is not None and explained.kind != "class":
+        return explained.describe(explanation.label)
     label = f"\u201c{explanation.label}\u201d " if explanation.label is not None else ""
     return f"{label}(class {explanation.target})"

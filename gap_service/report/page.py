@@ -20,6 +20,7 @@ from ..explanation import Explanation, Node
 from .labels import LEVEL_COLOURS, decision_text, format_number, format_share, short_name
 from .overlay import Thumbnails, fit_size, picture_of, stretch
 from .patches import GAP, ChannelPatches, channel_patches, grid_shape, grid_size
+from .target import draw_target
 
 THUMB = 144  # px, tree thumbnails
 PANEL = 192  # px, header panels
@@ -119,7 +120,7 @@ def _level_rows(explanation: Explanation) -> list[LevelRow]:
 def _panels(explanation: Explanation, panels: Thumbnails) -> list[Panel]:
     """Input, the root's gAP map, and the CAM baselines side by side at one size."""
     first = explanation.layers[0] if explanation.layers else explanation.root.layer
-    figures = [Panel("Input", "what the model saw", None, data_uri(panels.base)),
+    figures = [Panel("Input", "what the model saw", None, data_uri(draw_target(panels.base, explanation))),
                Panel("gAP", "decision evidence at", first, data_uri(panels.overlay(stretch(explanation.root.map))))]
     for key, cam in explanation.cams.items():
         if key != "gap":  # identical to the root's map, already shown

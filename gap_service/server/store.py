@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..colors import heatmap_bytes_bound
 from ..errors import GapError, InvalidModelError, UnknownModelError, printable, quoted
 from ..explainer import Explainer, ModelDescription
@@ -60,8 +58,7 @@ def prepare_model(entry: ModelEntry, runtime: RuntimeConfig, max_image_pixels: i
 def warm_up(model: LoadedModel) -> None:
     """Build every session once (forward and each level pair of the default chain) and run them."""
     started = time.perf_counter()
-    zeros = {spec.name: np.zeros(shape, dtype=spec.dtype) for spec, shape in model.description.inputs}
-    model.explainer.explain(zeros, top_k=1, depth=len(model.description.default_layers))
+    model.explainer.warm_up()
     model.load_seconds += time.perf_counter() - started
 
 

@@ -1398,6 +1398,15 @@ class TorchGraph:
             values, _ = self._forward(inputs, wanted)
         return {name: _torch_to_np(values[name]) for name in wanted}
 
+    def graph_values(self, inputs: dict[str, np.ndarray], wanted: Sequence[str], leaf: str) -> dict[str, Tensor]:
+        """The forward values of ``wanted`` as tensors of one autograd graph grown from ``leaf``
+        (made a leaf that requires grad), so that ``torch.autograd.grad`` gives VJPs between any two
+        of them without running the forward again: the eager one-call-per-node reference."""
+        self._check_inputs(inputs, wanted)
+        with torch.enable_grad():
+            values, _ = self._forward(inputs, wanted, leaf=leaf)
+        return {name: values[name] for name in wanted}
+
     def vjp(self, inputs: dict[str, np.ndarray], upper: str, lower: str, seeds: np.ndarray) -> np.ndarray:
         """seeds: [P, *shape(upper)]. Returns [P, *shape(lower)]: d<seeds[p], upper>/d lower for each p.
 
