@@ -56,6 +56,7 @@ class CompiledModel:
         self._layer_infos: BuildOnce[str, LayerInfo] = BuildOnce()
         self._chains: BuildOnce[str, list[LayerInfo]] = BuildOnce()
         self._decisions: BuildOnce[str, Decision] = BuildOnce()
+        self._branch_taps: BuildOnce[int | None, frozenset[str]] = BuildOnce()
         self._sessions: BuildOnce[tuple[str, ...], ort.InferenceSession] = BuildOnce()
         self._forward_lock = threading.Lock()
         self._forward: tuple[frozenset[str], ort.InferenceSession] | None = None
@@ -153,17 +154,32 @@ class CompiledModel:
                 for name in self._joined_parts]
         return self.joined, np.concatenate(flat)[None]  # type: ignore[return-value]
 
-    def head_branches(self) -> list[LayerInfo]:
-        """A detector's head branches: the first layers one detection's seed can have, found with a
-        probe seed per score output (one class at every anchor)."""
+    @functools.cached_property
+    def head_branches(self) -> list[tuple[str, LayerInfo]]:
+        """A detector's head branches: (score output, first layer) of each chain a single detection's
+        seed can start, found with a probe seed per score output (one class at every anchor)."""
         task = self.task
         if task is None or task.detection is None:
             return []
         layout = task.detection
         probes = class_support(layout, {name: self.shape(name) for name in layout.output_names}, 0)
-        found = {info.name: info for name, probe in probes.items()
-                 for info in branch_layers(self._graph, self.nm, self._maps, name, probe)}
-        return list(found.values())
+        return [(name, info) for name, probe in probes.items()
+                for info in branch_layers(self._graph, self.nm, self._maps, name, probe)]
+
+    def branch_taps(self, depth: int | None = None) -> frozenset[str]:
+        """What a detector's first forward run returns beside its outputs, since a detection's
+        layers are known only once it is decoded: the layers and side inputs of every head
+        branch's chain, down to ``depth`` levels (None: all)."""
+        def taps() -> frozenset[str]:
+            chains = ([output, *(info.name for info in self.chain_from(first))][: None if depth is None else depth + 1]
+                      for output, first in self.head_branches)
+            return frozenset(name for chain in chains for name in self.chain_state(chain))
+
+        return self._branch_taps.get(depth, taps)
+
+    def chain_state(self, chain: list[str]) -> set[str]:
+        """Forward tensors the level runs along ``chain`` read (its layers and their side inputs)."""
+        return {name for upper, lower in zip(chain[:-1], chain[1:]) for name in self.state_names(upper, lower)}
 
     @property
     def providers(self) -> list[str]:
@@ -252,16 +268,11 @@ class CompiledModel:
         """What explanations along the default chain read: the decision, the default layers and
         the side inputs of each pair, so the first forward session already serves them."""
         decision = self.decision
-        chains = [[decision.logits, *(info.name for info in self._default_layers)]]
-        names = {decision.logits, *([decision.probabilities] if decision.probabilities else [])}
+        names = {decision.logits, *([decision.probabilities] if decision.probabilities else []),
+                 *self.chain_state([decision.logits, *(info.name for info in self._default_layers)])}
         task = self.task
         if task is not None and task.detection is not None:  # decoded before their layers are known
-            names.update(task.detection.output_names)
-            chains.extend([info.name for info in self.chain_from(first)] for first in self.head_branches())
-        for chain in chains:
-            names.update(chain)
-            for upper, lower in zip(chain[:-1], chain[1:]):
-                names.update(self.state_names(upper, lower))
+            names.update(task.detection.output_names, self.branch_taps())
         return frozenset(names - set(self.nm.inputs))
 
     def _forward_session(self, names: Iterable[str]) -> ort.InferenceSession:

@@ -78,13 +78,13 @@ def explain(
     plan = decisions.plan(compiled, options)
     early = _root_before_forward(compiled, plan)  # None: a detection, whose seed needs its decoded boxes
     layers = _layers(compiled, options, *early) if early is not None else None
-    wanted = set(plan.reads) | (_chain_state(compiled, [early[0], *layers]) if early is not None else set())
-    state = compiled.forward_device(feeds, sorted(wanted))  # the one forward run
+    ahead = compiled.chain_state([early[0], *layers]) if early is not None else compiled.branch_taps(options.depth)
+    state = compiled.forward_device(feeds, sorted({*plan.reads, *ahead}))  # the one forward run
     root = plan.resolve({name: state[name].numpy() for name in plan.reads})
     top, seed = compiled.root(root.seeds)
     if layers is None:
         layers = _layers(compiled, options, top, seed)
-        missing = _chain_state(compiled, [top, *layers]) - set(state)
+        missing = compiled.chain_state([top, *layers]) - set(state)
         if missing:  # not among the tapped head branches (a spread seed joining below them): one more run
             state.update(compiled.forward_device(feeds, sorted(missing)))
     chain = [top, *layers]
@@ -161,11 +161,6 @@ def _root_before_forward(compiled: CompiledModel, plan: decisions.Plan) -> tuple
 def _layers(compiled: CompiledModel, options: ExplainOptions, top: str, seed: np.ndarray | None) -> list[str]:
     """The layers of a decision on ``top``: found from its seed's support (the chain below a class vector)."""
     return resolve_layers(compiled, options, lambda: compiled.chain(top) if seed is None else compiled.seeded_layers(top, seed))
-
-
-def _chain_state(compiled: CompiledModel, chain: list[str]) -> set[str]:
-    """Forward tensors the level runs along ``chain`` read (its layers and their side inputs)."""
-    return {name for upper, lower in zip(chain[:-1], chain[1:]) for name in compiled.state_names(upper, lower)}
 
 
 def _follow_path(chosen: list[tuple[int, int, float]], channel: int, level: int, layer: str) -> list[tuple[int, int, float]]:

@@ -42,7 +42,8 @@ def describe(explainer: Explainer, gradient_check: bool = False) -> dict[str, An
         "task": task_summary(compiled.task),
         "layers": [layer_summary(i) for i in compiled.layers],
         # A detector's layers depend on the detection: each head branch starts its own chain.
-        "head_branches": [[layer_summary(i) for i in compiled.chain_from(first)] for first in compiled.head_branches()],
+        "head_branches": [{"output": output, "layers": [layer_summary(i) for i in compiled.chain_from(first)]}
+                          for output, first in compiled.head_branches],
         "unsupported_ops": [{"op": op, "node": name} for op, name in unsupported_ops(nm, decision.logits, path_start)],
     }
     if gradient_check:
@@ -122,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"task: {t['kind']}" + (f" ({t['layout']} layout, reading {', '.join(t['outputs'])})" if t["layout"] else "")
               + ("" if t["declared"] else ", detected from the output shapes"))
     print_layers("candidate layers below the decision (highest first):", report["layers"])
-    for index, chain in enumerate(report["head_branches"]):
-        print_layers(f"head branch {index}: the layers of a detection whose seed flows through it:", chain)
+    for branch in report["head_branches"]:
+        print_layers(f"head branch of '{branch['output']}': the layers of a detection whose seed flows through it:",
+                     branch["layers"])
     if report["unsupported_ops"]:
         print("unsupported ops on the path from the input to the decision:")
         for item in report["unsupported_ops"]:
