@@ -3,7 +3,7 @@
 from .errors import GapError
 from .explainer import Explainer
 from .inputs import EncodedImage
-from .options import ExplainOptions
+from .options import DetectionTarget, ElementTarget, ExplainOptions, RegionTarget
 
-__all__ = ["EncodedImage", "ExplainOptions", "Explainer", "GapError"]
+__all__ = ["DetectionTarget", "ElementTarget", "EncodedImage", "ExplainOptions", "Explainer", "GapError", "RegionTarget"]
 __version__ = "0.1.0"

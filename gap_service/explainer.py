@@ -27,7 +27,7 @@ from .faithfulness import Ablation
 from .graph.layers import Decision, LayerInfo
 from .graph.loader import InputSpec, ModelSource, input_specs, normalize, read_model, resolve_input_shapes
 from .inputs import EncodedImage, InputPolicy, Inputs, Prepared
-from .options import DetectionTarget, ElementTarget, ExplainOptions, RegionTarget
+from .options import ExplainOptions
 from .prediction import DEFAULT_TOP_CLASSES, DetectedBox, Prediction, top_classes
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
@@ -38,8 +38,7 @@ if TYPE_CHECKING:
 
 MAX_SPECIALISATIONS = 4
 
-__all__ = ["DetectionTarget", "ElementTarget", "EncodedImage", "ExplainOptions", "Explainer", "ModelDescription",
-           "RegionTarget", "Task"]
+__all__ = ["EncodedImage", "ExplainOptions", "Explainer", "ModelDescription"]
 
 
 @dataclass(frozen=True)

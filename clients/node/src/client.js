@@ -205,7 +205,11 @@ class GapClient {
   /** request: {model, input: {image: Buffer} | {tensor}, top_k?} */
   predict(request, deadlineMs) { return this._unary(this.stub, 'Predict', request, deadlineMs); }
 
-  /** request: {model, input, options: {layers, target, top_k, depth, min_share, score}, output: {...}} */
+  /**
+   * request: {model, input, options: {layers, target, output, seed, top_k, depth, min_share, score}, output: {...}}.
+   * target: {class_index} | {detection: {index, class_index?, spread}} | {region: {channel, box?, mask?}} |
+   * {element: {index}}; seed: a tensor shaped like options.output (docs/targets.md). Unset: the model's task default.
+   */
   explain(request, deadlineMs) { return this._unary(this.stub, 'Explain', request, deadlineMs); }
 
   /**
