@@ -115,7 +115,7 @@ def class_target(compiled: CompiledModel, decision: Decision, target: int | None
     size = int(np.prod(shape))
     field = f"{TARGET}.class_index"
     if not is_class_vector(shape):
-        raise invalid(field, f"output '{decision.logits}' has shape {list(shape)}, not a class vector: "
+        raise invalid(field, f"{_named(decision)} has shape {list(shape)}, not a class vector: "
                              f"{_how_to_target(compiled, decision.logits)}")
     if target is not None and not 0 <= target < size:
         raise invalid(field, f"class {target} is out of range [0, {size})")
@@ -145,9 +145,16 @@ def _default(compiled: CompiledModel, options: ExplainOptions) -> Plan:
     decision = _decision(compiled, options.output)
     shape = compiled.shape(decision.logits)
     if not is_class_vector(shape):
-        raise invalid(TARGET, f"output '{decision.logits}' has shape {list(shape)}, not a class vector, so it has no "
+        raise invalid(TARGET, f"{_named(decision)} has shape {list(shape)}, not a class vector, so it has no "
                               f"top-1 class to explain: {_how_to_target(compiled, decision.logits)}")
     return class_target(compiled, decision, None)
+
+
+def _named(decision: Decision) -> str:
+    """The output as a reader knows it: a graph output ending in a softmax or sigmoid, with its logits."""
+    if decision.probabilities and decision.probabilities != decision.logits:
+        return f"output '{decision.probabilities}' (its logits '{decision.logits}')"
+    return f"output '{decision.logits}'"
 
 
 def _how_to_target(compiled: CompiledModel, output: str) -> str:

@@ -1,7 +1,9 @@
 """gAP hierarchical decomposition: the method itself (see docs/method.md).
 
-One forward run per request; then, level by level, one batched gradient run (chunked to a
-memory bound) decomposes every node of the level into the channels of the next lower layer.
+The root is the decision ``<seed, output>`` that decisions.py resolves from the options' target
+(docs/targets.md), its layers the chain found for that seed. One forward run per request; then,
+level by level, one batched gradient run (chunked to a memory bound) decomposes every node of the
+level into the channels of the next lower layer.
 Activations, gradients and seeds stay on the execution device (levels.py); the host sees the
 per-channel scores, picks the children, and receives their maps.
 """

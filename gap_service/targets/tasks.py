@@ -59,18 +59,3 @@ class Task:
         if unknown := set(data) - allowed:
             raise invalid("task", f"unknown keys {sorted(unknown)} for a {kind} task; known keys are {sorted(allowed)}")
         return cls(kind, output=data.get("output"), channel=int(data.get("channel", 0)))  # type: ignore[arg-type]
-
-    def to_config(self) -> dict[str, Any]:
-        """The config.json object this task reads from (layouts by their declared keys)."""
-        if self.kind == "dense":
-            return {"kind": "dense", **({"output": self.output} if self.output else {}), "channel": self.channel}
-        if self.detection is None:
-            return {"kind": self.kind}
-        layout = self.detection
-        heads = [{"scores": h.scores, "boxes": h.boxes, **({"stride": h.stride} if h.stride else {})} for h in layout.heads]
-        return {"kind": "detection", "layout": layout.layout, **({"output": layout.output} if layout.output else {}),
-                **({"heads": heads} if heads else {}), "box_format": layout.box_format,
-                "score_activation": layout.score_activation, "normalized": layout.normalized,
-                **({"background": layout.background} if layout.background is not None else {}),
-                "score_threshold": self.score_threshold, "iou_threshold": self.iou_threshold,
-                "max_detections": self.max_detections}
