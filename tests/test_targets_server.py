@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gap_service.cli import main
 from gap_service.client import GapClient, bad_request
 from gap_service.options import DetectionTarget, ExplainOptions
 from gap_service.preprocess import preprocess
@@ -25,8 +26,14 @@ S, E = pb.service, pb.explanation
 
 
 @pytest.fixture(scope="module")
-def client():
-    with ServerProcess(["--model", MODEL]) as server, GapClient(server.address, timeout=120) as client:
+def server():
+    with ServerProcess(["--model", MODEL]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with GapClient(server.address, timeout=120) as client:
         yield client
 
 
@@ -107,3 +114,14 @@ def test_streams_and_expansions_prefix_the_field(client) -> None:
             call()
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"request.{field}" in [f for f, _ in bad_request(error.value)], error.value.details()
+
+
+def test_the_client_command_lists_boxes_and_explains_one(server, capsys, tmp_path) -> None:
+    assert main(["client", "predict", "--server", server.address, MODEL, str(PAGE)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 10 and "'title'" in listed[4]
+    html = tmp_path / "remote.html"
+    code = main(["client", "explain", "--server", server.address, MODEL, str(PAGE), "--target-detection", "4", "--spread",
+                 "--top-k", "2", "--depth", "1", "--html", str(html)])
+    assert code == 0 and "detection 4 'title' (class 1) at [" in capsys.readouterr().out
+    assert "detection 4 &#39;title&#39;" in html.read_text()

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..atlas import ChannelEntry
 from ..errors import GapError, invalid
-from .common import ChannelLookup, add_explain_options, explain_options, print_summary, write_outputs
+from .common import ChannelLookup, add_explain_options, detection_line, explain_options, print_summary, write_outputs
 
 DEFAULT_SERVER = "localhost:50051"
 TOKEN_ENV = "GAP_TOKEN"  # the API key, when --token-file is not given (never on the command line: ps shows it)
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("models", "list the served models")
     model = add("model", "describe one model: inputs, layers, labels, preprocessing, limits")
     model.add_argument("model")
-    predict = add("predict", "classify one input")
+    predict = add("predict", "classify one input (a detector: its boxes)")
     predict.add_argument("model")
     predict.add_argument("input", help="an image (PNG/JPEG) or a preprocessed .npy tensor")
     predict.add_argument("--top-k", type=int, default=5)
@@ -125,6 +125,8 @@ def _predict(client, args) -> int:
     prediction = client.predict(args.model, top_k=args.top_k, **_input(args.input))
     for index, label, logit, probability in prediction.classes:
         print(f"{index}\t{label}\tlogit {logit:.4f}\tp {probability:.4f}")
+    for index, detection in enumerate(prediction.detections):
+        print(detection_line(index, detection))
     return 0
 
 

@@ -12,6 +12,7 @@ from ..atlas import Atlas, ChannelEntry
 from ..errors import invalid
 from ..methods import SCORE_MODES
 from ..options import DetectionTarget, ElementTarget, ExplainOptions, RegionTarget, Target
+from ..prediction import DetectedBox
 
 DEFAULTS = ExplainOptions()
 
@@ -144,6 +145,14 @@ def print_summary(explanation, elapsed: float, source: str = "", channels: Chann
         if entry is not None:
             print(f"    top patches: {entry.sheet} row {entry.row} (mean activation {entry.stats.mean:.3g}, "
                   f"fires at {entry.stats.fire_rate:.1%} of positions)")
+
+
+def detection_line(index: int, detection: DetectedBox) -> str:
+    """One decoded box as ``gap-service detections`` and ``client predict`` print it."""
+    label = f" '{detection.label}'" if detection.label else ""
+    box = ", ".join(f"{v:.1f}" for v in detection.box)
+    return (f"  {index:>3}  class {detection.class_index}{label}  score {detection.score:.3f}  box [{box}]  "
+            f"({', '.join(detection.outputs)})")
 
 
 def write_outputs(explanation, args: argparse.Namespace, atlas: Atlas | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import detection_line
 from .explain import add_model_arguments, build_explainer, load_input, resolve_model
 
 
@@ -30,8 +31,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([{"index": i, **d._asdict()} for i, d in enumerate(found)], indent=2))
         return 0
     print(f"{len(found)} detection(s) in {args.input}" + (":" if found else ""))
-    for index, d in enumerate(found):
-        label = f" '{d.label}'" if d.label else ""
-        box = ", ".join(f"{v:.1f}" for v in d.box)
-        print(f"  {index:>3}  class {d.class_index}{label}  score {d.score:.3f}  box [{box}]  ({', '.join(d.outputs)})")
+    for index, detection in enumerate(found):
+        print(detection_line(index, detection))
     return 0
