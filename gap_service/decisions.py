@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .compiled import CompiledModel
-from .errors import invalid
+from .errors import invalid, quoted
 from .explanation import ExplainedTarget
 from .graph.layers import Decision
 from .options import TARGET, DetectionTarget, ElementTarget, ExplainOptions, RegionTarget
@@ -62,8 +62,8 @@ def plan(compiled: CompiledModel, options: ExplainOptions) -> Plan:
     if isinstance(target, RegionTarget):
         return _region(compiled, output, target)
     if isinstance(target, ElementTarget):
-        return _static("element", output, _element_seed(compiled, output, tuple(int(i) for i in target.index)), -1,
-                       index=tuple(int(i) for i in target.index))
+        index = tuple(int(i) for i in target.index)
+        return _static("element", output, _element_seed(compiled, output, index), -1, index=index)
     return class_target(compiled, decision, int(target))
 
 
@@ -73,7 +73,7 @@ def _decision(compiled: CompiledModel, name: str | None) -> Decision:
     if name is None or name in compiled.nm.outputs:
         return compiled.decision_of(name)
     if name not in compiled.nm.shapes or np.dtype(compiled.nm.dtypes.get(name, np.float32)).kind != "f":
-        raise invalid("options.output", f"'{name}' is not a float tensor of the model (its outputs: {compiled.nm.outputs})")
+        raise invalid("options.output", f"{quoted(name)} is not a float tensor of the model (its outputs: {compiled.nm.outputs})")
     return Decision(name, None, compiled.shape(name))
 
 

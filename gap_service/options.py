@@ -156,9 +156,10 @@ def target_violations(target: object) -> list[FieldViolation]:
             elif not mask.any():
                 found += bad("region.mask", "is zero everywhere: it selects nothing to explain")
         return found
-    index = tuple(target.index)
-    if not index or any(not isinstance(i, (int, np.integer)) or i < 0 for i in index):
-        return bad("element.index", f"{list(index)} is not a list of non-negative integers")
+    index = target.index
+    if not isinstance(index, (tuple, list)) or not index or any(
+            isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or i < 0 for i in index):
+        return bad("element.index", f"{index!r} is not a sequence of non-negative integers")
     return []
 
 
