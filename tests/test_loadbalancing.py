@@ -152,6 +152,14 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     on its port: every request ends with a correct answer."""
     request, reference = load
     drained, killed = cluster.replicas[1], cluster.replicas[2]
+    try:
+        _faults_under_load(cluster, request, reference, drained, killed)
+    finally:  # leave the cluster whole for anything after this test, whatever happened in it
+        if not drained.alive():
+            drained.start().wait_serving(60)
+
+
+def _faults_under_load(cluster, request, reference, drained, killed) -> None:
     total = 180
     events = lb.fault_schedule(cluster, total)
     result = lb.drive(cluster.nginx.address, request, reference, total, concurrency=4, options=lb.channel_options(),
@@ -176,13 +184,18 @@ def test_faults_under_load_lose_nothing_and_the_killed_replica_rejoins(cluster, 
     for key in summary["nginx_non_ok"]:
         status, grpc_status, _upstream = key.split("/")
         assert (status, grpc_status) in (("200", "-"), ("204", "-")), summary["nginx_non_ok"]
-    # The restarted replica is back in rotation (a short extra load reaches it).
+    # The restarted replica is back in rotation: a short extra load reaches it. nginx leaves an upstream
+    # that failed out of rotation for fail_timeout after its last failure, and how long ago that was
+    # depends on the machine's speed, so the extra load may take a few rounds to reach it.
     restarted_before = killed.requests("Explain", all_runs=False).get("OK", 0)
-    extra = lb.drive(cluster.nginx.address, request, reference, 24, concurrency=2, options=lb.channel_options(), budget=60)
-    assert extra.answered == 24, extra.summary()
-    assert killed.requests("Explain", all_runs=False).get("OK", 0) > restarted_before or restarted_before > 0
-    # Leave the cluster whole for anything after this test.
-    drained.start().wait_serving(60)
+    for _ in range(5):
+        extra = lb.drive(cluster.nginx.address, request, reference, 24, concurrency=2, options=lb.channel_options(), budget=60)
+        assert extra.answered == 24, extra.summary()
+        if restarted_before > 0 or killed.requests("Explain", all_runs=False).get("OK", 0) > restarted_before:
+            break
+        time.sleep(1.0)
+    else:
+        raise AssertionError(f"the restarted replica got none of 5 x 24 calls: {killed.requests('Explain', all_runs=False)}")
 
 
 def test_client_side_round_robin_survives_the_same_faults(cluster, load):
