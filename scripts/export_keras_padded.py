@@ -60,16 +60,22 @@ def _bn_act(x: tf.Tensor, act: str) -> tf.Tensor:
     return layers.ReLU(6.0)(x) if act == "relu6" else layers.Activation("swish")(x)
 
 
+def _expanded_depthwise(x: tf.Tensor, stride: int, expansion: int, act: str) -> tf.Tensor:
+    """The blocks' shared start: 1x1 expansion, then (an explicit ZeroPadding2D and) a depthwise
+    3x3, as Keras pads before its strided depthwise convs: the Pads tf2onnx keeps."""
+    x = layers.Conv2D(expansion * x.shape[-1], 1, padding="same", use_bias=False)(x)
+    x = _bn_act(x, act)
+    if stride == 2:
+        x = layers.ZeroPadding2D(padding=correct_pad(x.shape[1], 3))(x)
+    x = layers.DepthwiseConv2D(3, strides=stride, padding="same" if stride == 1 else "valid", use_bias=False)(x)
+    return _bn_act(x, act)
+
+
 def mobilenet_v2_block(x: tf.Tensor, filters: int, stride: int, expansion: int = 4) -> tf.Tensor:
     """Keras MobileNetV2 ``_inverted_res_block``: expand, (pad +) depthwise, project, residual."""
     inputs = x
     channels = x.shape[-1]
-    x = layers.Conv2D(expansion * channels, 1, padding="same", use_bias=False)(x)
-    x = _bn_act(x, "relu6")
-    if stride == 2:
-        x = layers.ZeroPadding2D(padding=correct_pad(x.shape[1], 3))(x)
-    x = layers.DepthwiseConv2D(3, strides=stride, padding="same" if stride == 1 else "valid", use_bias=False)(x)
-    x = _bn_act(x, "relu6")
+    x = _expanded_depthwise(x, stride, expansion, "relu6")
     x = layers.Conv2D(filters, 1, padding="same", use_bias=False)(x)
     x = layers.BatchNormalization(epsilon=1e-3, momentum=0.999)(x)
     if stride == 1 and channels == filters:
@@ -80,12 +86,7 @@ def mobilenet_v2_block(x: tf.Tensor, filters: int, stride: int, expansion: int =
 def efficientnet_block(x: tf.Tensor, filters: int, stride: int, expansion: int = 4) -> tf.Tensor:
     """Keras EfficientNet ``block``: expand, (pad +) depthwise, squeeze-and-excite, project."""
     channels = x.shape[-1]
-    x = layers.Conv2D(expansion * channels, 1, padding="same", use_bias=False)(x)
-    x = _bn_act(x, "swish")
-    if stride == 2:
-        x = layers.ZeroPadding2D(padding=correct_pad(x.shape[1], 3))(x)
-    x = layers.DepthwiseConv2D(3, strides=stride, padding="same" if stride == 1 else "valid", use_bias=False)(x)
-    x = _bn_act(x, "swish")
+    x = _expanded_depthwise(x, stride, expansion, "swish")
     se = layers.GlobalAveragePooling2D(keepdims=True)(x)
     se = layers.Conv2D(max(1, channels // 4), 1, activation="swish")(se)
     se = layers.Conv2D(x.shape[-1], 1, activation="sigmoid")(se)
