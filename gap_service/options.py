@@ -114,9 +114,16 @@ class ExplainOptions:
     def validate(self) -> None:
         raise_violations(self.violations())
 
-    def worst_case_nodes(self) -> int:
-        """Most nodes a tree of these options can have."""
-        return sum(self.top_k**level for level in range(self.depth + 1))
+    def worst_case_nodes(self, limit: int | None = None) -> int:
+        """Most nodes a tree of these options can have; counting stops once past ``limit``, so a
+        request with a huge depth costs nothing to judge."""
+        total, level_nodes = 0, 1
+        for _ in range(self.depth + 1):
+            total += level_nodes
+            if limit is not None and total > limit:
+                break
+            level_nodes *= self.top_k
+        return total
 
 
 def target_violations(target: object) -> list[FieldViolation]:

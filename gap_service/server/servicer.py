@@ -184,12 +184,10 @@ class GapServicer:
         options = query.options
         tree = replace(options, root_path=path, depth=len(path) + options.depth)  # what the engine computes
         tree.validate()
-        # depth + 1 nodes at least: a depth of 2^31 must not run the worst-case sum for minutes.
-        worst = tree.depth + 1 if tree.depth >= self.limits.max_tree_nodes else tree.worst_case_nodes()
-        if worst > self.limits.max_tree_nodes:
-            raise ResourceLimitError(
-                f"top_k={options.top_k} over {tree.depth} levels may produce up to {worst} nodes; "
-                f"the limit is {self.limits.max_tree_nodes} nodes per request")
+        limit = self.limits.max_tree_nodes
+        if tree.worst_case_nodes(limit) > limit:
+            raise ResourceLimitError(f"top_k={options.top_k} over {tree.depth} levels may produce more than {limit} "
+                                     f"nodes; the limit is {limit} nodes per request")
         return ExplainCall(model, query.inputs, options, query.output, record, path)
 
     def _observed(self, rpc: str, call: ExplainCall, result: Explanation) -> pb.explanation.Explanation:
