@@ -32,6 +32,7 @@ from .graph.segment import MASK, segment_model
 from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement, level_model,
                      placement_for, run_bound, selection_session, to_float16)
 from .runtime import RuntimeConfig
+from .state_cache import model_token
 from .targets import Task, class_support, detect_layout
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class CompiledModel:
     def __init__(self, nm: NormalizedModel, runtime_config: RuntimeConfig, output: str | None, explain_probability: bool,
                  task: Task | None = None) -> None:
         self._declared_task = task
+        self.token = model_token()  # names this compiled model in the forward-state cache
         # A multi-head detector's score outputs, joined into one tensor that a spread seed can lie on.
         heads = task.detection.heads if task is not None and task.detection is not None else ()
         self._joined_parts = tuple(head.scores for head in heads) if len(heads) > 1 else ()

@@ -23,6 +23,7 @@ from .explanation import Explanation, Node
 from .graph.layers import LayerInfo
 from .methods import CAM_METHODS, gap_map, supporting_channels
 from .options import ExplainOptions
+from .state_cache import CachedInput, CachedNode, StateCache, TreeMemo, digest, feeds_digest
 
 # Default memory bound of one batched gradient run, by device: host memory is shared with
 # everything else; a GPU's is the explainer's own, and fewer, larger runs keep it busy.
@@ -36,14 +37,18 @@ LABELLED = ("class", "detection", "region")
 LevelCallback = Callable[[int, list[Node], Explanation], None]
 
 
-def resolve_layers(compiled: CompiledModel, options: ExplainOptions, found: Callable[[], list[LayerInfo]]) -> list[str]:
-    """``options.layers``, else the ``found`` chain for this decision, cut to ``options.depth``."""
+def _candidates(compiled: CompiledModel, options: ExplainOptions, found: Callable[[], list[LayerInfo]]) -> list[str]:
+    """``options.layers``, else the ``found`` chain for this decision, whole (each checked)."""
     candidates = list(options.layers) if options.layers else [info.name for info in found()]
     for index, name in enumerate(candidates):
         info = compiled.layer(name)  # raises UnknownTensorError for unknown names
         if len(info.shape) != 4 or info.shape[0] != 1:
             raise invalid(f"options.layers[{index}]", f"layer '{name}' has shape {list(info.shape)}; "
                           "layers must be 4-D feature maps of batch 1")
+    return candidates
+
+
+def _cut(candidates: list[str], options: ExplainOptions) -> list[str]:
     if options.depth > len(candidates):
         raise invalid("options.depth", f"{options.depth} levels exceed the {len(candidates)} layers of the chain {candidates}")
     return candidates[: options.depth]
@@ -76,28 +81,40 @@ def explain(
     picture: np.ndarray | None = None,
     on_level: LevelCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cache: StateCache | None = None,
 ) -> Explanation:
+    """The tree of ``options``' decision for ``feeds``. With a ``cache``, the forward state and the
+    nodes already computed for this input are reused, and what this run computes is kept: a
+    ``root_path`` whose nodes are known starts at its last node (state_cache.py)."""
     plan = decisions.plan(compiled, options)
     early = _root_before_forward(compiled, plan)  # None: a detection, whose seed needs its decoded boxes
-    layers = _layers(compiled, options, *early) if early is not None else None
-    ahead = compiled.chain_state([early[0], *layers]) if early is not None else compiled.branch_taps(options.depth)
-    state = compiled.forward_device(feeds, sorted({*plan.reads, *ahead}))  # the one forward run
+    # With a cache, the forward run taps the whole chain: a later Expand goes deeper than this request.
+    candidates = _candidates(compiled, options, _finder(compiled, *early)) if early is not None else None
+    if candidates is not None:
+        ahead = compiled.chain_state([early[0], *(candidates if cache else _cut(candidates, options))])
+    else:
+        ahead = compiled.branch_taps(None if cache else options.depth)
+    forward = _Forward(compiled, feeds, cache)
+    state = forward.run(sorted({*plan.reads, *ahead}))  # the one forward run (none when cached)
     root = plan.resolve({name: state[name].numpy() for name in plan.reads})
     top, seed = compiled.root(root.seeds)
-    if layers is None:
-        layers = _layers(compiled, options, top, seed)
-        missing = compiled.chain_state([top, *layers]) - set(state)
-        if missing:  # not among the tapped head branches (a spread seed joining below them): one more run
-            state.update(compiled.forward_device(feeds, sorted(missing)))
+    if candidates is None:
+        candidates = _candidates(compiled, options, _finder(compiled, top, seed))
+        # Not among the tapped head branches (a spread seed joining below them): one more run.
+        state = forward.run(sorted(compiled.chain_state([top, *(candidates if cache else _cut(candidates, options))])))
+    layers = _cut(candidates, options)
     chain = [top, *layers]
     pairs = list(zip(chain[:-1], chain[1:]))
     explained = root.target
     target = explained.channel
     label = labels[target] if labels is not None and 0 <= target < len(labels) and explained.kind in LABELLED else None
+    memo = forward.tree((top, digest(seed), tuple(candidates), options.score, options.top_k, options.min_share,
+                         options.precision))
 
     first = compiled.layer(layers[0])
     root_node = Node(0, None, 0, top, target, explained.score, 1.0, np.zeros(first.spatial_shape, dtype=np.float32))
     nodes = [root_node]
+    paths: dict[int, tuple[int, ...]] = {0: ()}
     explanation = Explanation(
         model=model_name, target=target, label=label, logit=root_node.score, probability=explained.probability,
         layers=layers, score_mode=options.score, nodes=nodes, input_hw=compiled.input_hw, picture=picture,
@@ -106,13 +123,31 @@ def explain(
     if on_level is not None:
         on_level(0, [root_node], explanation)
 
-    frontier = [_SeedBatch([0], compiled.placement.to_device(np.ascontiguousarray(seed[None], np.float32)))]
+    known = memo.seeded_prefix(options.root_path) if memo is not None else 0
+    if known:  # the path's nodes down to the last one with a seed, as computed before
+        root_node.map, explanation.cams = memo.root_map, dict(memo.cams)
+        for level in range(1, known + 1):
+            path = tuple(options.root_path[:level])
+            cached = memo.nodes[path]
+            node = Node(len(nodes), len(nodes) - 1, level, cached.layer, cached.channel, cached.score, cached.share, cached.map)
+            nodes[-1].children.append(node.id)
+            nodes.append(node)
+            paths[node.id] = path
+            if on_level is not None:
+                on_level(level, [node], explanation)
+        seeds = compiled.placement.to_device(np.ascontiguousarray(cached.seeds.numpy()[cached.row : cached.row + 1]))
+        frontier = [_SeedBatch([len(nodes) - 1], seeds)]
+    else:
+        frontier = [_SeedBatch([0], compiled.placement.to_device(np.ascontiguousarray(seed[None], np.float32)))]
     for level, (upper, lower) in enumerate(pairs, start=1):
+        if level <= known:
+            continue
         if not frontier:
             break
         info = compiled.layer(lower)
         last = level == len(pairs)
         next_chunk = 0 if last else _chunk_size(compiled, lower, chain[level + 1], options)
+        with_seeds = not last or memo is not None  # a cached leaf's seed makes expanding it one level run
         new_level: list[Node] = []
         next_frontier: list[_SeedBatch] = []
         for batch in frontier:
@@ -122,6 +157,7 @@ def explain(
             scores = (net if options.score == "net" else positive).numpy()
             if level == 1:
                 _describe_root(explanation, grad.numpy()[0], state[lower].numpy(), info.channel_axis)
+                forward.remember_root(memo, explanation)
             chosen = [(row, channel, share) for row in range(len(batch.node_ids))
                       for channel, share in _children(scores[row], options)]
             if level <= len(options.root_path):
@@ -133,7 +169,7 @@ def explain(
                 part = chosen[start : start + group]
                 rows = np.asarray([row for row, _, _ in part], dtype=np.int64)
                 channels = np.asarray([channel for _, channel, _ in part], dtype=np.int64)
-                maps, child_seeds = compiled.select(lower, grad, state[lower], rows, channels, with_seeds=not last)
+                maps, child_seeds = compiled.select(lower, grad, state[lower], rows, channels, with_seeds=with_seeds)
                 host_maps = maps.numpy()
                 ids = []
                 for index, (row, channel, share) in enumerate(part):
@@ -142,14 +178,61 @@ def explain(
                                 float(share), host_maps[index])
                     nodes.append(node)
                     parent.children.append(node.id)
+                    paths[node.id] = (*paths[parent.id], node.channel)
                     new_level.append(node)
                     ids.append(node.id)
-                if child_seeds is not None:
+                    forward.remember(memo, paths[node.id], node, child_seeds, index)
+                if child_seeds is not None and not last:
                     next_frontier.append(_SeedBatch(ids, child_seeds))
         if on_level is not None:
             on_level(level, new_level, explanation)
         frontier = next_frontier
     return explanation
+
+
+class _Forward:
+    """The forward state of one request, from the cache where it has it; what the request
+    computes (state and nodes) goes into the cache. Without a cache, plain forward runs."""
+
+    def __init__(self, compiled: CompiledModel, feeds: Mapping[str, np.ndarray], cache: StateCache | None) -> None:
+        self.compiled, self.feeds, self.cache = compiled, feeds, cache
+        self.key = (compiled.token, feeds_digest(feeds)) if cache is not None else None
+        self.entry: CachedInput | None = cache.get(self.key) if cache is not None else None
+        self.state: dict[str, ort.OrtValue] = dict(self.entry.state) if self.entry is not None else {}
+
+    def run(self, names: Sequence[str]) -> dict[str, ort.OrtValue]:
+        """``self.state`` with ``names`` in it: those it lacks from one forward run."""
+        missing = [name for name in names if name not in self.state]
+        if missing:
+            computed = self.compiled.forward_device(self.feeds, missing)
+            self.state.update(computed)
+            if self.cache is not None:
+                self.entry = self.cache.put(self.key, computed)
+        return self.state
+
+    def tree(self, key: tuple) -> TreeMemo | None:
+        return self.cache.tree(self.entry, key) if self.cache is not None and self.entry is not None else None
+
+    def remember_root(self, memo: TreeMemo | None, explanation: Explanation) -> None:
+        if memo is not None:
+            self.cache.add_root(self.entry, memo, _frozen(explanation.root.map),
+                                {name: _frozen(cam) for name, cam in explanation.cams.items()})
+
+    def remember(self, memo: TreeMemo | None, path: tuple[int, ...], node: Node, seeds: ort.OrtValue | None, row: int) -> None:
+        if memo is not None:
+            cached = CachedNode(node.layer, node.channel, node.score, node.share, _frozen(node.map), seeds, row)
+            self.cache.add_node(self.entry, memo, path, cached, new_batch=row == 0)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """Read-only: a cached map is shared by every explanation that reuses it."""
+    array.setflags(write=False)
+    return array
+
+
+def _finder(compiled: CompiledModel, top: str, seed: np.ndarray | None) -> Callable[[], list[LayerInfo]]:
+    """How the layers of a decision on ``top`` are found: from its seed's support (the chain below a class vector)."""
+    return lambda: compiled.chain(top) if seed is None else compiled.seeded_layers(top, seed)
 
 
 def _root_before_forward(compiled: CompiledModel, plan: decisions.Plan) -> tuple[str, np.ndarray | None] | None:
@@ -158,11 +241,6 @@ def _root_before_forward(compiled: CompiledModel, plan: decisions.Plan) -> tuple
     if plan.class_vector is not None:
         return plan.class_vector, None
     return compiled.root(plan.seeds) if plan.seeds is not None else None
-
-
-def _layers(compiled: CompiledModel, options: ExplainOptions, top: str, seed: np.ndarray | None) -> list[str]:
-    """The layers of a decision on ``top``: found from its seed's support (the chain below a class vector)."""
-    return resolve_layers(compiled, options, lambda: compiled.chain(top) if seed is None else compiled.seeded_layers(top, seed))
 
 
 def _follow_path(chosen: list[tuple[int, int, float]], channel: int, level: int, layer: str) -> list[tuple[int, int, float]]:

@@ -31,6 +31,7 @@ from .options import ExplainOptions
 from .prediction import DEFAULT_TOP_CLASSES, DetectedBox, Prediction, top_classes
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
+from .state_cache import StateCache
 from .targets import Detection, Task
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class Explainer:
     ``atlas_dir`` says where the model's channel atlas is (default: ``atlas/`` beside the file).
     ``task`` (config.json's "task", docs/targets.md) says what the outputs mean: a detector's
     layout, a dense map; it picks the decision an explanation without a target decomposes.
+    ``state_cache`` keeps each input's forward state and computed nodes (state_cache.py), so that
+    ``expand`` on an input explained before costs one level run; one cache can serve many models.
     """
 
     def __init__(
@@ -97,10 +100,12 @@ class Explainer:
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         atlas_dir: str | os.PathLike | None = None,
         task: Task | Mapping[str, object] | None = None,
+        state_cache: StateCache | None = None,
     ) -> None:
         self._proto = read_model(model_path_or_bytes)
         self._model_path = Path(model_path_or_bytes) if isinstance(model_path_or_bytes, (str, os.PathLike)) else None
         self._atlas_dir = atlas_dir
+        self.state_cache = state_cache
         self._atlas: Atlas | None = None
         self._atlas_lock = threading.Lock()
         self.name = name or self._proto.graph.name or "model"
@@ -268,6 +273,7 @@ class Explainer:
         explanation = engine.explain(
             self._compiled_for(prepared.feeds), prepared.feeds, options, model_name=self.name,
             labels=self.labels or None, picture=prepared.picture, on_level=on_level, should_stop=should_stop,
+            cache=self.state_cache,
         )
         explanation.engine_seconds = time.perf_counter() - started
         return explanation

@@ -18,6 +18,7 @@ from .errors import GapError, InvalidModelError, UnknownModelError, quoted
 from .explainer import Explainer
 from .preprocess import DEFAULT_MAX_PIXELS, Preprocessing
 from .runtime import RuntimeConfig
+from .state_cache import StateCache
 from .targets import Task
 
 BUNDLED_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
@@ -100,14 +101,14 @@ class ModelEntry:
     versions: tuple[int, ...]
 
     def explainer(self, runtime: RuntimeConfig | None = None, *, fixed_shapes: bool = False,
-                  max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Explainer:
+                  max_image_pixels: int = DEFAULT_MAX_PIXELS, state_cache: StateCache | None = None) -> Explainer:
         """An Explainer configured from config.json (labels, preprocessing, layers, shapes, output, task)."""
         config = self.config
         return Explainer(
             self.path, runtime=runtime, input_shapes=config.input_shape, output=config.output,
             explain_probability=config.explain_probability, name=config.name, labels=config.labels,
             preprocessing=config.preprocessing, layers=config.layers, fixed_shapes=fixed_shapes,
-            max_image_pixels=max_image_pixels, task=config.task,
+            max_image_pixels=max_image_pixels, task=config.task, state_cache=state_cache,
         )
 
 

@@ -19,6 +19,7 @@ from ..errors import GapError, InvalidModelError, UnknownModelError, printable, 
 from ..explainer import Explainer, ModelDescription
 from ..repository import ModelEntry, find_model, scan_repository
 from ..runtime import RuntimeConfig
+from ..state_cache import DEFAULT_STATE_CACHE_BYTES, StateCache
 from .metrics import Metrics
 
 log = logging.getLogger("gap_service.server")
@@ -47,10 +48,11 @@ class LoadedModel:
         return max_nodes * per_node + picture + cams + 2**20
 
 
-def prepare_model(entry: ModelEntry, runtime: RuntimeConfig, max_image_pixels: int) -> LoadedModel:
+def prepare_model(entry: ModelEntry, runtime: RuntimeConfig, max_image_pixels: int,
+                  state_cache: StateCache | None = None) -> LoadedModel:
     """Load and compile the model at its served input shapes (sessions come with ``warm_up``)."""
     started = time.perf_counter()
-    explainer = entry.explainer(runtime, fixed_shapes=True, max_image_pixels=max_image_pixels)
+    explainer = entry.explainer(runtime, fixed_shapes=True, max_image_pixels=max_image_pixels, state_cache=state_cache)
     description = explainer.describe()
     return LoadedModel(entry, explainer, description, time.perf_counter() - started)
 
@@ -81,7 +83,8 @@ class ModelStore:
     """The repository's models, loaded once at start; see the module docstring for failures."""
 
     def __init__(self, repository: str | Path, runtime: RuntimeConfig, names: Sequence[str] | None = None,
-                 max_image_pixels: int = 40_000_000, strict: bool = False) -> None:
+                 max_image_pixels: int = 40_000_000, strict: bool = False,
+                 state_cache_bytes: int = DEFAULT_STATE_CACHE_BYTES) -> None:
         scan = scan_repository(repository)
         entries, problems = scan.entries, scan.problems
         if names:
@@ -94,6 +97,8 @@ class ModelStore:
         self.entries = entries
         self.runtime = runtime
         self.max_image_pixels = max_image_pixels
+        # One forward-state cache for the replica (every model's Expand clicks), bounded in bytes.
+        self.state_cache = StateCache(state_cache_bytes) if state_cache_bytes > 0 else None
         self.strict = strict
         self.failures: dict[str, str] = {}  # unavailable models: name -> reason
         self.prepared: dict[str, LoadedModel] = {}
@@ -105,7 +110,7 @@ class ModelStore:
         """Load and compile every entry (a failure is the model's alone), then ``_check``."""
         for name, entry in self.entries.items():
             try:
-                self.prepared[name] = prepare_model(entry, self.runtime, self.max_image_pixels)
+                self.prepared[name] = prepare_model(entry, self.runtime, self.max_image_pixels, self.state_cache)
             except Exception as exc:  # noqa: BLE001 - a bad model must not stop the others
                 self._fail(name, _reason(name, entry, exc), exc)
         self._check()
