@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import GapError
 from ..repository import BUNDLED_REPOSITORY
+from ..state_cache import DEFAULT_STATE_CACHE_BYTES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long in-flight requests may take to finish (default: 30)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs at start")
+    parser.add_argument("--state-cache-mb", type=float, default=DEFAULT_STATE_CACHE_BYTES / 2**20, metavar="MB",
+                        help="memory for the forward state and nodes of recent inputs, so that Expand costs one level "
+                             "run (default: %(default)g; 0: no cache)")
     parser.add_argument("--strict", action="store_true",
                         help="exit if any model fails to load (default: serve the others; ListModels says why)")
     parser.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format (default: json)")
@@ -90,5 +94,6 @@ def run(args: argparse.Namespace) -> int:
         ),
         runtime=RuntimeConfig(providers=providers, threads=args.threads or threads),
         grace_seconds=args.grace_period, warmup=not args.no_warmup, strict=args.strict,
+        state_cache_bytes=int(args.state_cache_mb * 2**20),
     )
     return serve(config)

@@ -31,6 +31,7 @@ from .limits import ServerLimits
 from .metrics import Metrics
 from .security import AuthInterceptor, TlsFiles, api_keys
 from .servicer import GapServicer
+from ..state_cache import DEFAULT_STATE_CACHE_BYTES
 from .store import ModelStore
 
 log = logging.getLogger("gap_service.server")
@@ -56,6 +57,7 @@ class ServeConfig:
     grace_seconds: float = 30.0
     warmup: bool = True
     strict: bool = False  # any model that fails to load stops the start (Triton's exit-on-error)
+    state_cache_bytes: int = DEFAULT_STATE_CACHE_BYTES  # the replica's forward-state cache for Expand; 0: none
 
 
 def default_concurrency(runtime: RuntimeConfig) -> tuple[int, int]:
@@ -161,7 +163,7 @@ class GapServer:
         keys = api_keys(config.api_keys) if config.api_keys else None  # bad key or certificate files stop the start
         credentials = config.tls.credentials() if config.tls else None
         self.store = ModelStore(config.repository, config.runtime, config.models or None, config.limits.max_image_pixels,
-                                strict=config.strict)
+                                strict=config.strict, state_cache_bytes=config.state_cache_bytes)
         self.store.prepare_all()  # compile only (fast): the layer shapes size the messages
         limits = config.limits
         workers = (limits.max_concurrent + limits.max_queue + limits.max_concurrent_predict
