@@ -109,3 +109,52 @@ def test_protogen_cli_check():
     result = subprocess.run([sys.executable, "-m", "gap_service.wire.protogen", "--check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_vendored_google_api_protos_are_googleapis_own(tmp_path):
+    """protos/google/api/ (for buf, offline) compiles to the descriptors the generated code imports at
+    run time from googleapis-common-protos: the two copies say the same thing."""
+    from google.api import annotations_pb2, http_pb2
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    out = tmp_path / "google.pb"
+    assert protoc.main(["protoc", f"-I{PROTOS}", f"-I{Path(protoc.__file__).parent / '_proto'}",
+                        f"--descriptor_set_out={out}", "google/api/annotations.proto", "google/api/http.proto"]) == 0
+    compiled = {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file}
+
+    def without_json_names(file):  # protoc fills json_name in descriptor sets, not in embedded descriptors
+        fields = [*file.extension, *(f for m in file.message_type for f in m.field)]
+        for field in fields:
+            field.ClearField("json_name")
+        return file
+
+    for module in (annotations_pb2, http_pb2):
+        installed = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(installed)
+        assert without_json_names(compiled[installed.name]) == without_json_names(installed), installed.name
+    for path in (PROTOS / "google" / "api").glob("*.proto"):
+        assert "Licensed under the Apache License, Version 2.0" in path.read_text(), path
+    assert protogen.proto_files() == sorted((PROTOS / "gap").rglob("*.proto")), "only gap/ is generated"
+
+
+def test_every_rpc_has_its_http_route():
+    """The routes the explorer page is written against (docs/service.md, "HTTP/JSON")."""
+    from google.api import annotations_pb2
+
+    from gap_service.wire import pb
+
+    routes = {}
+    for method in pb.service.DESCRIPTOR.services_by_name["GapService"].methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        kind = rule.WhichOneof("pattern")
+        routes[method.name] = (kind.upper(), getattr(rule, kind), rule.body)
+    assert routes == {
+        "ListModels": ("GET", "/v1/models", ""),
+        "GetModel": ("GET", "/v1/models/{model}", ""),
+        "Predict": ("POST", "/v1/models/{model}:predict", "*"),
+        "Explain": ("POST", "/v1/models/{model}:explain", "*"),
+        "ExplainStream": ("POST", "/v1/models/{request.model}:explainStream", "*"),
+        "Expand": ("POST", "/v1/models/{request.model}:expand", "*"),
+        "GetChannel": ("GET", "/v1/models/{model}/channel", ""),
+    }

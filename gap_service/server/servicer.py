@@ -88,10 +88,15 @@ class GapServicer:
     # -- explanations ---------------------------------------------------------------------------
     def Explain(self, request: S.ExplainRequest, context: grpc.ServicerContext, record: CallRecord) -> S.ExplainResponse:
         call = self._explain_call(messages.explain_from_proto(request), record)
+        # The report shows the atlas's patches, as the CLI's does; a stale atlas fails before the work.
+        atlas = call.model.explainer.atlas() if call.output.report else None
         with self._slot(self.explanations, context):
             result = call.model.explainer.explain(call.inputs, call.options, on_level=self._counter(call),
                                                   should_stop=lambda: not context.is_active())
-        return S.ExplainResponse(explanation=self._observed("Explain", call, result), engine_seconds=result.engine_seconds)
+        response = S.ExplainResponse(explanation=self._observed("Explain", call, result), engine_seconds=result.engine_seconds)
+        if call.output.report:  # rendered outside the slot: it is encoding, not model work
+            response.report_html = messages.report_html(result, atlas, self.max_response_bytes - response.ByteSize() - 16)
+        return response
 
     def Expand(self, request: S.ExpandRequest, context: grpc.ServicerContext, record: CallRecord) -> S.ExpandResponse:
         # Recomputed from scratch (stateless, any replica answers): only the path, then the node's subtree.

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atlas import ChannelEntry, ChannelStats, Patch
+from ..atlas import Atlas, ChannelEntry, ChannelStats, Patch
 from ..colors import heatmap_png
-from ..errors import invalid
+from ..errors import ResourceLimitError, invalid
 from ..explainer import ModelDescription
 from ..explanation import ExplainedTarget, Explanation, Node
 from ..inputs import EncodedImage, Inputs
@@ -123,6 +123,7 @@ class OutputOptions:
     cams: bool = False
     picture: bool = False
     omit_maps: bool = False
+    report: bool = False  # Explain only: the HTML report (ExplainResponse.report_html)
 
 
 def output_from_proto(message: pb.explanation.OutputOptions) -> OutputOptions:
@@ -132,7 +133,7 @@ def output_from_proto(message: pb.explanation.OutputOptions) -> OutputOptions:
         map_dtype = "float16"
     else:
         raise invalid("output.map_dtype", f"{dtype_name(message.map_dtype)}: maps are DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT16")
-    return OutputOptions(map_dtype, message.heatmaps, message.cams, message.picture, message.omit_maps)
+    return OutputOptions(map_dtype, message.heatmaps, message.cams, message.picture, message.omit_maps, message.report)
 
 
 def output_to_proto(output: OutputOptions) -> pb.explanation.OutputOptions:
@@ -226,6 +227,18 @@ def explanation_proto(explanation: Explanation, version: int, output: OutputOpti
     for name, tensor in cams_protos(explanation, output).items():
         message.cams[name].CopyFrom(tensor)
     return message
+
+
+def report_html(explanation: Explanation, atlas: Atlas | None, max_bytes: int) -> bytes:
+    """ExplainResponse.report_html: the page ``gap-service explain --html`` writes (with ``atlas``'s
+    patches per node), UTF-8. Refused when it would not fit in the ``max_bytes`` the response has left."""
+    from ..report import render_html  # Jinja2 and the template: only for the requests that ask
+
+    html = render_html(explanation, atlas=atlas).encode("utf-8")
+    if len(html) > max_bytes:
+        raise ResourceLimitError(f"the HTML report is {len(html)} bytes and the response has {max(0, max_bytes)} left "
+                                 "under the server's max_response_bytes; ask for it with omit_maps, or a smaller tree")
+    return html
 
 
 def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:

@@ -8,6 +8,11 @@ modules (see ``gap_service.wire.pb``), so a clean checkout works without an expl
 regenerates only when the .proto files (or grpcio-tools) changed, judged by a stamp file.
 Generation goes to a temporary folder that is renamed into place, so concurrent processes
 never see half-written code.
+
+Only gap/ is generated. The google.api.http annotations the RPCs carry are compiled against the
+copies of googleapis' annotations.proto and http.proto in protos/google/api/ (there for buf,
+which must resolve imports offline); at run time the generated code imports their Python modules
+from googleapis-common-protos (``google.api.annotations_pb2``), which grpcio-status requires.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ STAMP = ".stamp"
 IMPORT_PREFIX = "gap_service._proto"
 
 
+GENERATED_PACKAGES = ("gap",)  # protos/google/api/ is googleapis': imported, not generated
+
+
 def proto_files(root: Path = PROTO_ROOT) -> list[Path]:
-    return sorted(root.rglob("*.proto"))
+    """The .proto files generated into gap_service/_proto (the project's own)."""
+    return sorted(path for package in GENERATED_PACKAGES for path in (root / package).rglob("*.proto"))
 
 
 def fingerprint(root: Path = PROTO_ROOT) -> str:
