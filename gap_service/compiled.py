@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ from .graph.layers import (Decision, LayerInfo, branch_layers, candidate_layers,
                            layer_info, require_layers, seeded_layer)
 from .graph.loader import NormalizedModel
 from .graph.segment import MASK, segment_model
+from .graph.stack import stack, stacked_name
 from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement, level_model,
                      placement_for, run_bound, selection_session, to_float16)
 from .runtime import RuntimeConfig
@@ -36,6 +38,22 @@ from .state_cache import model_token
 from .targets import Task, class_support, detect_layout
 
 log = logging.getLogger(__name__)
+
+# Most inputs one stacked run serves; stacks come in powers of two, so each graph has at most
+# four stacked sessions (each holds the graph's weights once).
+MAX_STACK = 8
+
+T = TypeVar("T")
+
+
+def _stack_parts(items: Sequence[T]) -> list[Sequence[T]]:
+    """``items`` in runs of 8, 4, 2 and 1 (largest first)."""
+    parts, start = [], 0
+    while start < len(items):
+        size = next(size for size in (MAX_STACK, 4, 2, 1) if size <= len(items) - start)
+        parts.append(items[start : start + size])
+        start += size
+    return parts
 
 
 class CompiledModel:
@@ -229,27 +247,71 @@ class CompiledModel:
 
     def forward_device(self, feeds: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, ort.OrtValue]:
         """Like ``forward``, but the activations stay on the execution device."""
-        wanted = list(dict.fromkeys(names))
-        computed = [n for n in wanted if n not in feeds]
-        session = self._forward_session(computed)
+        return self.forward_many([(feeds, names)])[0]
+
+    def forward_many(self, items: Sequence[tuple[Mapping[str, np.ndarray], Iterable[str]]]) -> list[dict[str, ort.OrtValue]]:
+        """``forward_device`` for several inputs at once: stacked copies of the forward session's
+        model, one run per at most ``MAX_STACK`` inputs."""
+        wanted = [list(dict.fromkeys(names)) for _, names in items]
+        union = sorted({n for (feeds, _), names in zip(items, wanted) for n in names if n not in feeds})
+        session = self._forward_session(union)
         placement = placement_for(session)
-        values = dict(zip(computed, run_bound(session, placement, dict(feeds), computed))) if computed else {}
-        return {n: placement.to_device(feeds[n]) if n in feeds else values[n] for n in wanted}
+        taps = self._forward[0]
+        results = []
+        for part in _stack_parts(list(zip(items, wanted))):
+            copies = len(part)
+            computed = sorted({n for (feeds, _), names in part for n in names if n not in feeds})
+            if computed:
+                stacked = session if copies == 1 else self._stacked_session(
+                    ("forward", taps), lambda: self._tap_model(taps), "forward model", copies)
+                inputs = {self._copy_name(name, copy, copies): value
+                          for copy, ((feeds, _), _) in enumerate(part) for name, value in feeds.items()}
+                names = [self._copy_name(name, copy, copies) for copy in range(copies) for name in computed]
+                values = dict(zip(names, run_bound(stacked, placement, inputs, names)))
+            for copy, ((feeds, _), names) in enumerate(part):
+                results.append({n: placement.to_device(feeds[n]) if n in feeds else values[self._copy_name(n, copy, copies)]
+                                for n in names})
+        return results
+
+    @staticmethod
+    def _copy_name(name: str, copy: int, copies: int) -> str:
+        return name if copies == 1 else stacked_name(name, copy)
+
+    def _stacked_session(self, key: tuple, model: Callable[[], onnx.ModelProto], what: str,
+                         copies: int) -> ort.InferenceSession:
+        """The session of ``copies`` stacked copies of a graph (the graph itself for one copy)."""
+        if copies == 1:
+            return self._session(key, model, what)
+        return self._session((*key, f"x{copies}"), lambda: stack(model(), copies), f"{what} x{copies}")
 
     def run_level(self, upper: str, lower: str, state: Mapping[str, ort.OrtValue], seeds: ort.OrtValue,
                   precision: str = "float32") -> tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]:
         """(G, net scores [P, C], positive scores [P, C]) for device seeds [P, *shape(upper)]."""
+        return self.run_levels(upper, lower, [(state, seeds)], precision)[0]
+
+    def run_levels(self, upper: str, lower: str, items: Sequence[tuple[Mapping[str, ort.OrtValue], ort.OrtValue]],
+                   precision: str = "float32") -> list[tuple[ort.OrtValue, ort.OrtValue, ort.OrtValue]]:
+        """``run_level`` for several (state, seeds) at once (several inputs' trees): stacked copies of
+        the level graph (graph/stack.py), one run per at most ``MAX_STACK`` items."""
         cone = self.cone(upper, lower)
 
         def build() -> onnx.ModelProto:
             model = level_model(self.nm, cone, self.layer(lower).channel_axis)
             return to_float16(model) if precision == "float16" else model
 
-        session = self._session(("level", upper, lower, precision), build, f"{precision} level graph {lower} <- {upper}")
-        inputs: dict[str, ort.OrtValue | np.ndarray] = {name: state[name] for name in cone.state_names}
-        inputs[SEED] = seeds
-        grad, net, positive = run_bound(session, self.placement, inputs, [VJP, SCORES_NET, SCORES_POSITIVE])
-        return grad, net, positive
+        key, what = ("level", upper, lower, precision), f"{precision} level graph {lower} <- {upper}"
+        outputs = [VJP, SCORES_NET, SCORES_POSITIVE]
+        results = []
+        for part in _stack_parts(items):
+            session = self._stacked_session(key, build, what, len(part))
+            inputs: dict[str, ort.OrtValue | np.ndarray] = {}
+            for copy, (state, seeds) in enumerate(part):
+                inputs.update({self._copy_name(name, copy, len(part)): state[name] for name in cone.state_names})
+                inputs[self._copy_name(SEED, copy, len(part))] = seeds
+            names = [self._copy_name(name, copy, len(part)) for copy in range(len(part)) for name in outputs]
+            values = run_bound(session, self.placement, inputs, names)
+            results.extend(tuple(values[3 * copy : 3 * copy + 3]) for copy in range(len(part)))
+        return results
 
     def select(self, lower: str, grad: ort.OrtValue, activation: ort.OrtValue, rows: np.ndarray,
                channels: np.ndarray, with_seeds: bool = True) -> tuple[ort.OrtValue, ort.OrtValue | None]:

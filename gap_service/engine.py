@@ -10,7 +10,7 @@ per-channel scores, picks the children, and receives their maps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +71,50 @@ class _SeedBatch:
     seeds: ort.OrtValue  # [len(node_ids), *shape(upper)]
 
 
+@dataclass
+class Job:
+    """One explanation to compute: an input's feeds, the options, and the caller's callbacks."""
+
+    feeds: Mapping[str, np.ndarray]
+    options: ExplainOptions
+    model_name: str = "model"
+    labels: Sequence[str] | None = None
+    picture: np.ndarray | None = None
+    on_level: LevelCallback | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardRun:
+    """What a tree asks of the scheduler: activations ``names`` of its input."""
+
+    feeds: Mapping[str, np.ndarray]
+    names: tuple[str, ...]
+
+    @property
+    def key(self) -> tuple:
+        return ("forward",)
+
+
+@dataclass(frozen=True, eq=False)
+class LevelRun:
+    """What a tree asks of the scheduler: one level graph run for a batch of its seeds."""
+
+    upper: str
+    lower: str
+    state: Mapping[str, ort.OrtValue]
+    seeds: ort.OrtValue
+    precision: str
+
+    @property
+    def key(self) -> tuple:
+        return ("level", self.upper, self.lower, self.precision)
+
+
+Run = ForwardRun | LevelRun
+Tree = Generator[Run, object, Explanation]
+
+
 def explain(
     compiled: CompiledModel,
     feeds: Mapping[str, np.ndarray],
@@ -86,108 +130,182 @@ def explain(
     """The tree of ``options``' decision for ``feeds``. With a ``cache``, the forward state and the
     nodes already computed for this input are reused, and what this run computes is kept: a
     ``root_path`` whose nodes are known starts at its last node (state_cache.py)."""
+    job = Job(feeds, options, model_name, labels, picture, on_level, should_stop)
+    (result,) = explain_all(compiled, [job], cache=cache)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def explain_all(compiled: CompiledModel, jobs: Sequence[Job], *, cache: StateCache | None = None,
+                ) -> list[Explanation | Exception]:
+    """The trees of several jobs computed together: each step, the forward runs that the trees ask
+    for are one run, and so are their level runs of the same (upper, lower) pair (compiled.py
+    stacks them). Each tree is what ``explain`` alone gives; a job that fails (a bad path, its
+    caller cancelling) gets its exception and the others go on."""
+    results: list[Explanation | Exception | None] = [None] * len(jobs)
+    waiting: dict[int, tuple[Tree, Run]] = {}
+
+    def advance(index: int, tree: Tree, answer: object) -> None:
+        try:
+            waiting[index] = (tree, tree.send(answer))
+        except StopIteration as done:
+            results[index] = done.value
+        except Exception as exc:  # noqa: BLE001 - this job's failure, not the others'
+            results[index] = exc
+
+    for index, job in enumerate(jobs):
+        advance(index, _tree(compiled, job, cache), None)
+    while waiting:
+        groups: dict[tuple, list[int]] = {}
+        for index, (_, run) in waiting.items():
+            groups.setdefault(run.key, []).append(index)
+        current, waiting = waiting, {}
+        for members in groups.values():
+            try:
+                answers = _execute(compiled, [current[index][1] for index in members])
+            except Exception as exc:  # noqa: BLE001 - a failed run fails the trees that asked for it
+                for index in members:
+                    results[index] = exc
+                continue
+            for index, answer in zip(members, answers):
+                advance(index, current[index][0], answer)
+    return results  # type: ignore[return-value]
+
+
+def _execute(compiled: CompiledModel, runs: Sequence[Run]) -> list[object]:
+    """One run for all of ``runs`` (they share a key)."""
+    if isinstance(runs[0], ForwardRun):
+        return compiled.forward_many([(run.feeds, run.names) for run in runs])
+    first = runs[0]
+    return compiled.run_levels(first.upper, first.lower, [(run.state, run.seeds) for run in runs], first.precision)
+
+
+def _tree(compiled: CompiledModel, job: Job, cache: StateCache | None) -> Tree:
+    """One explanation, as a generator: it yields the runs it needs and is sent their results."""
+    options, on_level = job.options, job.on_level
     plan = decisions.plan(compiled, options)
     early = _root_before_forward(compiled, plan)  # None: a detection, whose seed needs its decoded boxes
     # With a cache, the forward run taps the whole chain: a later Expand goes deeper than this request.
+    whole = cache is not None
     candidates = _candidates(compiled, options, _finder(compiled, *early)) if early is not None else None
     if candidates is not None:
-        ahead = compiled.chain_state([early[0], *(candidates if cache else _cut(candidates, options))])
+        ahead = compiled.chain_state([early[0], *(candidates if whole else _cut(candidates, options))])
     else:
-        ahead = compiled.branch_taps(None if cache else options.depth)
-    forward = _Forward(compiled, feeds, cache)
-    state = forward.run(sorted({*plan.reads, *ahead}))  # the one forward run (none when cached)
+        ahead = compiled.branch_taps(None if whole else options.depth)
+    forward = _Forward(compiled, job.feeds, cache)
+    state = yield from forward.run(sorted({*plan.reads, *ahead}))  # the one forward run (none when cached)
     root = plan.resolve({name: state[name].numpy() for name in plan.reads})
     top, seed = compiled.root(root.seeds)
     if candidates is None:
         candidates = _candidates(compiled, options, _finder(compiled, top, seed))
         # Not among the tapped head branches (a spread seed joining below them): one more run.
-        state = forward.run(sorted(compiled.chain_state([top, *(candidates if cache else _cut(candidates, options))])))
+        state = yield from forward.run(sorted(compiled.chain_state([top, *(candidates if whole else _cut(candidates, options))])))
     layers = _cut(candidates, options)
-    chain = [top, *layers]
-    pairs = list(zip(chain[:-1], chain[1:]))
     explained = root.target
-    target = explained.channel
+    target, labels = explained.channel, job.labels
     label = labels[target] if labels is not None and 0 <= target < len(labels) and explained.kind in LABELLED else None
     memo = forward.tree((top, digest(seed), tuple(candidates), options.score, options.top_k, options.min_share,
                          options.precision))
-
     first = compiled.layer(layers[0])
     root_node = Node(0, None, 0, top, target, explained.score, 1.0, np.zeros(first.spatial_shape, dtype=np.float32))
-    nodes = [root_node]
-    paths: dict[int, tuple[int, ...]] = {0: ()}
     explanation = Explanation(
-        model=model_name, target=target, label=label, logit=root_node.score, probability=explained.probability,
-        layers=layers, score_mode=options.score, nodes=nodes, input_hw=compiled.input_hw, picture=picture,
+        model=job.model_name, target=target, label=label, logit=root_node.score, probability=explained.probability,
+        layers=layers, score_mode=options.score, nodes=[root_node], input_hw=compiled.input_hw, picture=job.picture,
         explained=explained,
     )
     if on_level is not None:
         on_level(0, [root_node], explanation)
+    builder = _Builder(compiled, job, explanation, [top, *layers], state, forward, memo)
+    yield from builder.decompose(seed)
+    return explanation
 
-    known = memo.seeded_prefix(options.root_path) if memo is not None else 0
-    if known:  # the path's nodes down to the last one with a seed, as computed before
-        root_node.map, explanation.cams = memo.root_map, dict(memo.cams)
+
+class _Builder:
+    """Grows one explanation level by level from its root: the method of docs/method.md."""
+
+    def __init__(self, compiled: CompiledModel, job: Job, explanation: Explanation, chain: list[str],
+                 state: Mapping[str, ort.OrtValue], forward: _Forward, memo: TreeMemo | None) -> None:
+        self.compiled, self.job, self.options = compiled, job, job.options
+        self.explanation, self.nodes = explanation, explanation.nodes
+        self.chain, self.state, self.forward, self.memo = chain, state, forward, memo
+        self.paths: dict[int, tuple[int, ...]] = {0: ()}
+
+    def decompose(self, seed: np.ndarray) -> Generator[Run, object, None]:
+        """Every level below the root (from the path's last known node where the cache has it)."""
+        pairs = list(zip(self.chain[:-1], self.chain[1:]))
+        known = self.memo.seeded_prefix(self.options.root_path) if self.memo is not None else 0
+        frontier = [self._from_cache(known)] if known else \
+            [_SeedBatch([0], self.compiled.placement.to_device(np.ascontiguousarray(seed[None], np.float32)))]
+        for level, (upper, lower) in enumerate(pairs, start=1):
+            if level <= known:
+                continue
+            if not frontier:
+                break
+            new_level: list[Node] = []
+            next_frontier: list[_SeedBatch] = []
+            for batch in frontier:
+                if self.job.should_stop is not None and self.job.should_stop():
+                    raise CancelledError("explanation cancelled by the caller")
+                grad, net, positive = yield LevelRun(upper, lower, self.state, batch.seeds, self.options.precision)
+                self._children(level, batch, grad, net, positive, new_level, next_frontier)
+            if self.job.on_level is not None:
+                self.job.on_level(level, new_level, self.explanation)
+            frontier = next_frontier
+
+    def _from_cache(self, known: int) -> _SeedBatch:
+        """The path's nodes down to the last one with a seed, as computed before; that one's seed."""
+        memo, nodes = self.memo, self.nodes
+        nodes[0].map, self.explanation.cams = memo.root_map, dict(memo.cams)
         for level in range(1, known + 1):
-            path = tuple(options.root_path[:level])
+            path = tuple(self.options.root_path[:level])
             cached = memo.nodes[path]
             node = Node(len(nodes), len(nodes) - 1, level, cached.layer, cached.channel, cached.score, cached.share, cached.map)
             nodes[-1].children.append(node.id)
             nodes.append(node)
-            paths[node.id] = path
-            if on_level is not None:
-                on_level(level, [node], explanation)
-        seeds = compiled.placement.to_device(np.ascontiguousarray(cached.seeds.numpy()[cached.row : cached.row + 1]))
-        frontier = [_SeedBatch([len(nodes) - 1], seeds)]
-    else:
-        frontier = [_SeedBatch([0], compiled.placement.to_device(np.ascontiguousarray(seed[None], np.float32)))]
-    for level, (upper, lower) in enumerate(pairs, start=1):
-        if level <= known:
-            continue
-        if not frontier:
-            break
-        info = compiled.layer(lower)
-        last = level == len(pairs)
-        next_chunk = 0 if last else _chunk_size(compiled, lower, chain[level + 1], options)
-        with_seeds = not last or memo is not None  # a cached leaf's seed makes expanding it one level run
-        new_level: list[Node] = []
-        next_frontier: list[_SeedBatch] = []
-        for batch in frontier:
-            if should_stop is not None and should_stop():
-                raise CancelledError("explanation cancelled by the caller")
-            grad, net, positive = compiled.run_level(upper, lower, state, batch.seeds, options.precision)
-            scores = (net if options.score == "net" else positive).numpy()
-            if level == 1:
-                _describe_root(explanation, grad.numpy()[0], state[lower].numpy(), info.channel_axis)
-                forward.remember_root(memo, explanation)
-            chosen = [(row, channel, share) for row in range(len(batch.node_ids))
-                      for channel, share in _children(scores[row], options)]
-            if level <= len(options.root_path):
-                chosen = _follow_path(chosen, options.root_path[level - 1], level, lower)
-            if not chosen:
-                continue
-            group = len(chosen) if last else next_chunk
-            for start in range(0, len(chosen), group):
-                part = chosen[start : start + group]
-                rows = np.asarray([row for row, _, _ in part], dtype=np.int64)
-                channels = np.asarray([channel for _, channel, _ in part], dtype=np.int64)
-                maps, child_seeds = compiled.select(lower, grad, state[lower], rows, channels, with_seeds=with_seeds)
-                host_maps = maps.numpy()
-                ids = []
-                for index, (row, channel, share) in enumerate(part):
-                    parent = nodes[batch.node_ids[row]]
-                    node = Node(len(nodes), parent.id, level, lower, int(channel), float(scores[row, channel]),
-                                float(share), host_maps[index])
-                    nodes.append(node)
-                    parent.children.append(node.id)
-                    paths[node.id] = (*paths[parent.id], node.channel)
-                    new_level.append(node)
-                    ids.append(node.id)
-                    forward.remember(memo, paths[node.id], node, child_seeds, index)
-                if child_seeds is not None and not last:
-                    next_frontier.append(_SeedBatch(ids, child_seeds))
-        if on_level is not None:
-            on_level(level, new_level, explanation)
-        frontier = next_frontier
-    return explanation
+            self.paths[node.id] = path
+            if self.job.on_level is not None:
+                self.job.on_level(level, [node], self.explanation)
+        seeds = self.compiled.placement.to_device(np.ascontiguousarray(cached.seeds.numpy()[cached.row : cached.row + 1]))
+        return _SeedBatch([len(nodes) - 1], seeds)
+
+    def _children(self, level: int, batch: _SeedBatch, grad: ort.OrtValue, net: ort.OrtValue, positive: ort.OrtValue,
+                  new_level: list[Node], next_frontier: list[_SeedBatch]) -> None:
+        """The chosen children of a batch's nodes: their nodes, maps and (for the next level) seeds."""
+        compiled, options, chain = self.compiled, self.options, self.chain
+        lower = chain[level]
+        last = level == len(chain) - 1
+        scores = (net if options.score == "net" else positive).numpy()
+        if level == 1:
+            _describe_root(self.explanation, grad.numpy()[0], self.state[lower].numpy(), compiled.layer(lower).channel_axis)
+            self.forward.remember_root(self.memo, self.explanation)
+        chosen = [(row, channel, share) for row in range(len(batch.node_ids))
+                  for channel, share in _children(scores[row], options)]
+        if level <= len(options.root_path):
+            chosen = _follow_path(chosen, options.root_path[level - 1], level, lower)
+        if not chosen:
+            return
+        group = len(chosen) if last else _chunk_size(compiled, lower, chain[level + 1], options)
+        with_seeds = not last or self.memo is not None  # a cached leaf's seed makes expanding it one level run
+        for start in range(0, len(chosen), group):
+            part = chosen[start : start + group]
+            rows = np.asarray([row for row, _, _ in part], dtype=np.int64)
+            channels = np.asarray([channel for _, channel, _ in part], dtype=np.int64)
+            maps, child_seeds = compiled.select(lower, grad, self.state[lower], rows, channels, with_seeds=with_seeds)
+            host_maps = maps.numpy()
+            ids = []
+            for index, (row, channel, share) in enumerate(part):
+                parent = self.nodes[batch.node_ids[row]]
+                node = Node(len(self.nodes), parent.id, level, lower, int(channel), float(scores[row, channel]),
+                            float(share), host_maps[index])
+                self.nodes.append(node)
+                parent.children.append(node.id)
+                self.paths[node.id] = (*self.paths[parent.id], node.channel)
+                new_level.append(node)
+                ids.append(node.id)
+                self.forward.remember(self.memo, self.paths[node.id], node, child_seeds, index)
+            if child_seeds is not None and not last:
+                next_frontier.append(_SeedBatch(ids, child_seeds))
 
 
 class _Forward:
@@ -200,11 +318,11 @@ class _Forward:
         self.entry: CachedInput | None = cache.get(self.key) if cache is not None else None
         self.state: dict[str, ort.OrtValue] = dict(self.entry.state) if self.entry is not None else {}
 
-    def run(self, names: Sequence[str]) -> dict[str, ort.OrtValue]:
+    def run(self, names: Sequence[str]) -> Generator[Run, object, dict[str, ort.OrtValue]]:
         """``self.state`` with ``names`` in it: those it lacks from one forward run."""
-        missing = [name for name in names if name not in self.state]
+        missing = tuple(name for name in names if name not in self.state)
         if missing:
-            computed = self.compiled.forward_device(self.feeds, missing)
+            computed = yield ForwardRun(self.feeds, missing)
             self.state.update(computed)
             if self.cache is not None:
                 self.entry = self.cache.put(self.key, computed)

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 MAX_SPECIALISATIONS = 4
 
-__all__ = ["EncodedImage", "ExplainOptions", "Explainer", "ModelDescription"]
+__all__ = ["EncodedImage", "ExplainJob", "ExplainOptions", "Explainer", "ModelDescription"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,24 @@ class ModelDescription:
         """Largest map a node (or an upsampled heatmap) can have."""
         height, width = self.input_hw
         return max([height * width, *(int(np.prod(info.spatial_shape)) for info in self.layers)])
+
+
+@dataclass
+class ExplainJob:
+    """One explanation for ``Explainer.run``: what ``explain`` takes, or with a ``path``, ``expand``."""
+
+    inputs: Inputs
+    options: ExplainOptions | None = None
+    path: Sequence[int] | None = None  # the node to expand (its subtree is the result)
+    picture: np.ndarray | None = None
+    on_level: LevelCallback | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+def _raised(result: Explanation | Exception) -> Explanation:
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 class Explainer:
@@ -267,29 +285,61 @@ class Explainer:
         path's nodes, and then the node it ends at in full: what "expand this node" needs, at the
         cost of the path plus the subtree (see ``expand``).
         """
-        options = self._options(options, fields)
-        prepared = self.prepare(inputs, picture)
-        started = time.perf_counter()
-        explanation = engine.explain(
-            self._compiled_for(prepared.feeds), prepared.feeds, options, model_name=self.name,
-            labels=self.labels or None, picture=prepared.picture, on_level=on_level, should_stop=should_stop,
-            cache=self.state_cache,
-        )
-        explanation.engine_seconds = time.perf_counter() - started
-        return explanation
+        job = ExplainJob(inputs, self._options(options, fields), picture=picture, on_level=on_level, should_stop=should_stop)
+        return _raised(self.run([job])[0])
 
     def expand(self, inputs: Inputs, path: Sequence[int], options: ExplainOptions | None = None, *,
                on_level: LevelCallback | None = None, should_stop: Callable[[], bool] | None = None,
                **fields: object) -> Explanation:
         """The subtree below the node at ``path`` (channels from the root); ``top_k`` and ``depth``
         apply to the subtree (and ``top_k`` along the path). nodes[0] is the node, ids from 0."""
+        job = ExplainJob(inputs, self._options(options, fields), path=path, on_level=on_level, should_stop=should_stop)
+        return _raised(self.run([job])[0])
+
+    def explain_many(self, inputs: Sequence[Inputs], options: ExplainOptions | None = None, **fields: object) -> list[Explanation]:
+        """One tree per input, computed together (see ``run``); the same options for all. The first
+        input that fails raises its error (with a note naming the input)."""
         options = self._options(options, fields)
-        path = tuple(int(c) for c in path)
-        options = replace(options, root_path=path, depth=len(path) + options.depth)
-        full = self.explain(inputs, options, on_level=on_level, should_stop=should_stop)
-        subtree = full.subtree(options.root_path)
-        subtree.engine_seconds = full.engine_seconds
-        return subtree
+        results = self.run([ExplainJob(item, options) for item in inputs])
+        for index, result in enumerate(results):
+            if isinstance(result, Exception):
+                result.add_note(f"(inputs[{index}])")
+                raise result
+        return results  # type: ignore[return-value]
+
+    def run(self, jobs: Sequence[ExplainJob]) -> list[Explanation | Exception]:
+        """Several explanations computed together: the forward runs of inputs of the same shapes
+        are one run, and so are their level runs of the same layer pair (engine.explain_all).
+        Each result is what ``explain`` (or ``expand``, for a job with a path) alone returns; a
+        job that fails (a bad input, a bad path, its caller cancelling) gets its exception in its
+        place, and the others go on. ``engine_seconds`` is the time of the whole computation."""
+        results: list[Explanation | Exception | None] = [None] * len(jobs)
+        groups: dict[int, tuple[CompiledModel, list[tuple[int, engine.Job]]]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                options = self._options(job.options, {})
+                if job.path is not None:
+                    path = tuple(int(c) for c in job.path)
+                    options = replace(options, root_path=path, depth=len(path) + options.depth)
+                prepared = self.prepare(job.inputs, job.picture)
+                compiled = self._compiled_for(prepared.feeds)
+            except Exception as exc:  # noqa: BLE001 - this job's failure, not the others'
+                results[index] = exc
+                continue
+            work = engine.Job(prepared.feeds, options, self.name, self.labels or None, prepared.picture, job.on_level,
+                              job.should_stop)
+            groups.setdefault(compiled.token, (compiled, []))[1].append((index, work))
+        for compiled, members in groups.values():
+            started = time.perf_counter()
+            trees = engine.explain_all(compiled, [work for _, work in members], cache=self.state_cache)
+            seconds = time.perf_counter() - started
+            for (index, work), tree in zip(members, trees):
+                if isinstance(tree, Explanation):
+                    if jobs[index].path is not None:
+                        tree = tree.subtree(work.options.root_path)
+                    tree.engine_seconds = seconds
+                results[index] = tree
+        return results  # type: ignore[return-value]
 
     def _options(self, options: ExplainOptions | None, fields: Mapping[str, object]) -> ExplainOptions:
         options = options or ExplainOptions()

@@ -104,7 +104,7 @@ def runs(monkeypatch):
     from gap_service.compiled import CompiledModel
 
     counted: Counter = Counter()
-    for method in ("forward_device", "run_level"):
+    for method in ("forward_many", "run_levels"):
         real = getattr(CompiledModel, method)
 
         def counting(self, *args, _real=real, _method=method, **kwargs):
@@ -125,14 +125,14 @@ def test_expand_after_explain_equals_uncached_and_costs_one_level_run(repository
         reference = plain.expand(image, path, depth=1, top_k=3)
         runs.clear()
         got = cached.expand(image, path, depth=1, top_k=3)
-        assert runs == Counter(run_level=1), (path, runs)
+        assert runs == Counter(run_levels=1), (path, runs)
         _same(reference, got)
     deeper = explained.path(explained.nodes[-1].id) + [cached.expand(image, explained.path(explained.nodes[-1].id),
                                                                       depth=1, top_k=3).nodes[1].channel]
     reference = plain.expand(image, deeper, depth=1, top_k=3)
     runs.clear()
     _same(reference, cached.expand(image, deeper, depth=1, top_k=3))
-    assert runs == Counter(run_level=1)  # a node Expand made is kept as well
+    assert runs == Counter(run_levels=1)  # a node Expand made is kept as well
 
 
 def test_a_path_explain_through_the_cache_keeps_the_whole_tree(repository):
@@ -151,7 +151,7 @@ def test_other_options_reuse_the_state_but_not_the_nodes(repository, runs):
     reference = plain.expand(x, path, depth=1, top_k=2, score="positive")
     runs.clear()
     got = cached.expand(x, path, depth=1, top_k=2, score="positive")  # another tree: the path is decomposed again
-    assert runs == Counter(run_level=2)
+    assert runs == Counter(run_levels=2)
     _same(reference, got)
     other = cached.explain(x, depth=1, target=1)  # another class: its own tree, the same state
     _same(plain.explain(x, depth=1, target=1), other)
@@ -196,5 +196,5 @@ def test_a_detection_expands_from_the_cache(repository, runs):
     reference = plain.expand(image, path, depth=1, top_k=3, target=DetectionTarget(0))
     runs.clear()
     got = cached.expand(image, path, depth=1, top_k=3, target=DetectionTarget(0))
-    assert runs == Counter(run_level=1)
+    assert runs == Counter(run_levels=1)
     _same(reference, got)
