@@ -3,8 +3,8 @@
 A compiled model is specialised to batch 1 (its shapes folded at that size), and its level graphs
 recompute the forward cone of one input, so several inputs cannot simply share a batch axis.
 Stacking puts ``copies`` independent copies of a graph side by side instead: copy i reads and
-writes the original names with the suffix ``#i``, and every copy reads the same initializers, so
-the weights are held once. Each copy computes exactly what the graph alone computes.
+writes the original names with the suffix ``#i`` (its symbolic sizes too: copies may differ in
+them), and every copy reads the same initializers, so the weights are held once. Each copy computes exactly what the graph alone computes.
 """
 
 from __future__ import annotations
@@ -54,4 +54,8 @@ def stack(model: onnx.ModelProto, copies: int) -> onnx.ModelProto:
                 clone = target.add()
                 clone.CopyFrom(value)
                 clone.name = stacked_name(value.name, copy)
+                if clone.type.HasField("tensor_type"):  # each copy's sizes are its own ("P" of copy 0 is not copy 1's)
+                    for dim in clone.type.tensor_type.shape.dim:
+                        if dim.HasField("dim_param"):
+                            dim.dim_param = stacked_name(dim.dim_param, copy)
     return out
