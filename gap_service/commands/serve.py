@@ -1,4 +1,4 @@
-"""``gap-service serve``: serve a model repository over gRPC (see docs/service.md)."""
+"""``gap-service serve``: serve a model repository over gRPC, and HTTP/JSON with --http-port (docs/service.md)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--health-port", type=int, default=-1, metavar="N",
                         help="also serve grpc.health.v1 alone, in plaintext, on this port of --host (for probes that cannot "
                              "speak TLS, such as Kubernetes' gRPC probes); 0 picks a free port (default: off)")
+    parser.add_argument("--http-port", type=int, default=-1, metavar="N",
+                        help="also serve the API as HTTP/JSON (the google.api.http routes, /v1/...) and the explorer page "
+                             "on this port of --host, TLS as the gRPC port; 0 picks a free port and logs it (default: off)")
     security = parser.add_argument_group("security (docs/security.md)")
     security.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS certificate chain of the server (with --tls-key)")
     security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise GapError("--tls-cert and --tls-key go together, and --tls-client-ca needs them")
     config = ServeConfig(
         repository=args.model_repository, host=args.host, port=args.port, metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port, health_port=args.health_port, models=tuple(args.model),
+        metrics_port=args.metrics_port, health_port=args.health_port, http_port=args.http_port,
+        models=tuple(args.model),
         tls=TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None,
         api_keys=args.api_keys, reflection=args.reflection,
         limits=ServerLimits(

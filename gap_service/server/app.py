@@ -2,6 +2,8 @@
 
 States: starting (health NOT_SERVING, GapService calls UNAVAILABLE) -> serving (SERVING) ->
 draining (NOT_SERVING, new calls UNAVAILABLE, in-flight calls finish within the grace period).
+With an HTTP port, the HTTP/JSON gateway (http.py) reaches the same gRPC server through a private
+unix socket, so it follows the same states (its new requests get 503 once the drain starts).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
@@ -27,6 +31,7 @@ from ..wire import pb
 from . import reflection
 from .errors import RpcGuard, lenient_deserializer
 from .health import Health
+from .http import HttpGateway
 from .limits import ServerLimits
 from .metrics import Metrics
 from .security import AuthInterceptor, TlsFiles, api_keys
@@ -48,6 +53,7 @@ class ServeConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9090  # 0: a free port; negative: no metrics server
     health_port: int = -1  # a plaintext grpc.health.v1-only port for probes that cannot speak TLS; negative: none
+    http_port: int | None = None  # the HTTP/JSON gateway and the explorer page on host; 0: a free port; None/negative: none
     tls: TlsFiles | None = None  # TLS on the gRPC port (mTLS when it has a client CA)
     api_keys: str | None = None  # a JSON key file or env:NAME: every GapService call needs a key
     reflection: bool = True
@@ -153,8 +159,11 @@ class GapServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.Server | None = None
         self._health_server: grpc.Server | None = None
+        self._gateway: HttpGateway | None = None
+        self._gateway_dir: Path | None = None
         self._stopped = threading.Event()
 
     def start(self) -> int:
@@ -184,12 +193,22 @@ class GapServer:
         if config.reflection:
             reflection.enable(server, (pb.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         self.port = _bind(server, config.host, config.port, credentials)
+        if config.http_port is not None and config.http_port >= 0:
+            # The gateway's own way in: a unix socket in a private folder (mode 0700), so the HTTP
+            # port's calls meet the same interceptors, limits and lifecycle without a network port.
+            self._gateway_dir = Path(tempfile.mkdtemp(prefix="gap-gateway-"))
+            gateway_target = f"unix:{self._gateway_dir / 'grpc.sock'}"
+            if not server.add_insecure_port(gateway_target):
+                raise OSError(f"cannot listen on {gateway_target} (the HTTP gateway's channel)")
+            self._gateway = HttpGateway(gateway_target, limits.max_request_bytes, tls=config.tls)
         if config.health_port >= 0:
             self._health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="gap-health"))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self._health_server)
             self.health_port = _bind(self._health_server, config.host, config.health_port, None)
             self._health_server.start()
         server.start()
+        if self._gateway is not None:
+            self.http_port = self._gateway.start(config.host, config.http_port)
         if config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host)
         if keys and not config.tls:
@@ -197,7 +216,7 @@ class GapServer:
                         "proxy or mesh on a trusted network only)")
         log.info("listening", extra={"fields": {
             "host": config.host, "port": self.port, "metrics_host": config.metrics_host, "metrics_port": self.metrics_port,
-            "health_port": self.health_port, "tls": _tls_mode(config.tls), "api_keys": bool(keys),
+            "health_port": self.health_port, "http_port": self.http_port, "tls": _tls_mode(config.tls), "api_keys": bool(keys),
             "reflection": config.reflection,
             "repository": str(config.repository), "max_concurrent": limits.max_concurrent, "max_queue": limits.max_queue,
             "threads": config.runtime.threads, "grpc_workers": workers,
@@ -250,12 +269,18 @@ class GapServer:
         started = time.monotonic()
         self.lifecycle.state = "draining"
         self.health.draining()
+        if self._gateway is not None:
+            self._gateway.begin_drain()
         self.metrics.serving.set(0)
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         finished = self.lifecycle.wait_idle(grace)
         remaining = max(0.0, grace - (time.monotonic() - started))
         if self._server is not None:
             self._server.stop(remaining).wait()
+        if self._gateway is not None:  # the answers of the calls that finished are still being written
+            finished = self._gateway.stop(max(remaining, 1.0)) and finished
+        if self._gateway_dir is not None:
+            shutil.rmtree(self._gateway_dir, ignore_errors=True)
         if self._health_server is not None:  # probes saw NOT_SERVING until now
             self._health_server.stop(0).wait()
         self.metrics.stop()
