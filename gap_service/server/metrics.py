@@ -24,6 +24,8 @@ class Metrics:
         self.engine = Histogram("gap_engine_duration_seconds", "Time in the engine (model runs) per RPC.", ["rpc", "model"],
                                 buckets=LATENCY_BUCKETS, registry=r)
         self.nodes = Counter("gap_nodes_computed", "Explanation tree nodes computed.", ["model"], registry=r)
+        self.batch_size = Histogram("gap_batch_size", "Explanations computed together (dynamic batching).", ["model"],
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
         self.queue_depth = Gauge("gap_queue_depth", "Requests waiting for a computation slot.", ["pool"], registry=r)
         self.running = Gauge("gap_running", "Computations running.", ["pool"], registry=r)
         self.in_flight = Gauge("gap_in_flight_requests", "GapService RPCs in progress.", registry=r)

@@ -15,12 +15,15 @@ from dataclasses import dataclass, replace
 
 import grpc
 
+from ..cache import BuildOnce
 from ..errors import ResourceLimitError, invalid
+from ..explainer import Explainer, ExplainJob
 from ..explanation import Explanation, Node
 from ..inputs import Inputs
 from ..options import MAX_TOP_K, ExplainOptions
 from ..wire import messages, pb
 from ..wire.messages import OutputOptions
+from .batching import Batcher
 from .errors import CallRecord, embedded
 from .limits import Admission, ServerLimits
 from .metrics import Metrics
@@ -52,6 +55,7 @@ class GapServicer:
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
         self.explanations = Admission("explanations", limits.max_concurrent, limits.max_queue, metrics.pool_changed("explain"))
+        self._batchers: BuildOnce[Explainer, Batcher] = BuildOnce()  # one per served model
         self.predictions = Admission("predictions", limits.max_concurrent_predict, limits.max_queue_predict,
                                      metrics.pool_changed("predict"))
 
@@ -90,9 +94,8 @@ class GapServicer:
         call = self._explain_call(messages.explain_from_proto(request), record)
         # The report shows the atlas's patches, as the CLI's does; a stale atlas fails before the work.
         atlas = call.model.explainer.atlas() if call.output.report else None
-        with self._slot(self.explanations, context):
-            result = call.model.explainer.explain(call.inputs, call.options, on_level=self._counter(call),
-                                                  should_stop=lambda: not context.is_active())
+        result = self._explain(call, context, ExplainJob(call.inputs, call.options, on_level=self._counter(call),
+                                                         should_stop=lambda: not context.is_active()))
         response = S.ExplainResponse(explanation=self._observed("Explain", call, result), engine_seconds=result.engine_seconds)
         if call.output.report:  # rendered outside the slot: it is encoding, not model work
             response.report_html = messages.report_html(result, atlas, self.max_response_bytes - response.ByteSize() - 16)
@@ -102,9 +105,9 @@ class GapServicer:
         # Recomputed from scratch (stateless, any replica answers): only the path, then the node's subtree.
         with embedded("request", own=("path",)):
             call = self._explain_call(messages.explain_from_proto(request.request), record, tuple(request.path))
-            with self._slot(self.explanations, context):
-                result = call.model.explainer.expand(call.inputs, call.path, call.options, should_stop=lambda: not context.is_active(),
-                                                     on_level=self._counter(call))
+            result = self._explain(call, context, ExplainJob(call.inputs, call.options, path=call.path,
+                                                             on_level=self._counter(call),
+                                                             should_stop=lambda: not context.is_active()))
         return S.ExpandResponse(explanation=self._observed("Expand", call, result), engine_seconds=result.engine_seconds)
 
     def ExplainStream(self, request: S.ExplainStreamRequest, context: grpc.ServicerContext,
@@ -114,20 +117,16 @@ class GapServicer:
 
     def _explain_stream(self, call: ExplainCall, context: grpc.ServicerContext) -> Iterator[S.ExplainStreamResponse]:
         """Levels as the engine finishes them: the engine runs on a worker thread, this one sends."""
-        self._admit(self.explanations, context)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 
         def work() -> None:
             try:
-                result = call.model.explainer.explain(
-                    call.inputs, call.options, on_level=self._counter(call, then=lambda *event: events.put(event)),
-                    should_stop=lambda: stop.is_set() or not context.is_active())
-                events.put((None, [], result))
+                job = ExplainJob(call.inputs, call.options, on_level=self._counter(call, then=lambda *event: events.put(event)),
+                                 should_stop=lambda: stop.is_set() or not context.is_active())
+                events.put((None, [], self._explain(call, context, job)))
             except BaseException as exc:  # noqa: BLE001 - handed to the RPC thread
                 events.put((None, [], exc))
-            finally:
-                self.explanations.release()
 
         threading.Thread(target=work, name="gap-explain-stream", daemon=True).start()
         try:
@@ -210,6 +209,14 @@ class GapServicer:
                 then(level, nodes, tree)
 
         return on_level
+
+    def _explain(self, call: ExplainCall, context: grpc.ServicerContext, job: ExplainJob) -> Explanation:
+        """One explanation through its model's batcher: alone, or with other queued requests of the model."""
+        model = call.model
+        batcher = self._batchers.get(model.explainer, lambda: Batcher(
+            model.explainer, model.entry.config.dynamic_batching, self.explanations,
+            self.metrics.batch_size.labels(model.name).observe))
+        return batcher.explain(job, context.is_active, context.time_remaining)
 
     def _admit(self, pool: Admission, context: grpc.ServicerContext) -> None:
         pool.acquire(context.is_active, context.time_remaining)
