@@ -19,7 +19,7 @@ import pytest
 
 from gap_service import ExplainJob
 from gap_service.client import GapClient
-from gap_service.errors import CancelledError, InvalidModelError
+from gap_service.errors import CancelledError, GapError, InvalidModelError
 from gap_service.repository import BUNDLED_REPOSITORY, BatchingPolicy, load_repository
 from gap_service.server.batching import Batcher
 from gap_service.server.errors import DeadlineExceededError
@@ -87,6 +87,18 @@ def test_queued_requests_are_computed_together_and_equal_alone(explainer, inputs
     for x, got in zip(inputs, results):
         _same(explainer.explain(x, options), got)
     assert admission.running == 0 and admission.waiting == 0
+
+
+def test_a_batch_request_is_computed_in_batches_of_the_policy(explainer, inputs):
+    sizes: list[int] = []
+    batcher = Batcher(explainer, BatchingPolicy(max_batch_size=2), Admission("explanations", 1, 64), sizes.append)
+    options = explainer._options(None, dict(depth=2, top_k=2))
+    jobs = [ExplainJob(x, options) for x in inputs[:3]] + [ExplainJob(inputs[3], options, path=[99999])]
+    results = batcher.explain_many(jobs, lambda: True, lambda: None)
+    assert sizes == [2, 2]
+    for x, got in zip(inputs[:3], results):
+        _same(explainer.explain(x, options), got)
+    assert isinstance(results[3], GapError)  # a bad job fails alone
 
 
 def test_a_lone_request_waits_for_nobody(explainer, inputs):

@@ -50,27 +50,37 @@ class Batcher:
     def explain(self, job: ExplainJob, is_active: Callable[[], bool],
                 time_remaining: Callable[[], float | None]) -> Explanation:
         """``job``'s result, computed alone or with other queued requests of this model."""
-        request = _Request(job)
+        result = self.explain_many([job], is_active, time_remaining)[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def explain_many(self, jobs: list[ExplainJob], is_active: Callable[[], bool],
+                     time_remaining: Callable[[], float | None]) -> list[Explanation | Exception]:
+        """The results of one request's ``jobs`` (a batch request: several inputs), in order, a failed
+        job's exception in its place; they queue together and are taken together where they fit."""
+        requests = [_Request(job) for job in jobs]
         with self._lock:
-            self._queued.append(request)
+            self._queued.extend(requests)
             self._lock.notify_all()
-        try:
-            self.admission.acquire(lambda: is_active() and not request.taken, time_remaining)
-        except CancelledError:
-            if not request.taken:  # the caller gave up: it leaves the queue
-                self._leave(request)
+        while (first := next((r for r in requests if not r.taken), None)) is not None:
+            try:
+                self.admission.acquire(lambda: is_active() and not all(r.taken for r in requests), time_remaining)
+            except CancelledError:
+                if all(r.taken for r in requests):  # taken into other requests' batches meanwhile
+                    break
+                self._leave(requests)  # the caller gave up: what is not taken leaves the queue
                 raise
-            return self._wait(request, is_active, time_remaining)  # taken into another request's batch
-        except BaseException:
-            self._leave(request)
-            raise
-        try:
-            batch = self._take(request)
-            if batch:
-                self._compute(batch)
-        finally:
-            self.admission.release()
-        return self._wait(request, is_active, time_remaining)
+            except BaseException:
+                self._leave(requests)
+                raise
+            try:
+                batch = self._take(first)
+                if batch:
+                    self._compute(batch)
+            finally:
+                self.admission.release()
+        return [self._wait(request, is_active, time_remaining) for request in requests]
 
     def _take(self, request: _Request) -> list[_Request]:
         """The batch this slot computes: ``request`` first, then the queue, waiting for a preferred
@@ -87,7 +97,7 @@ class Batcher:
                     break
                 self._lock.wait(remaining)
             others = [r for r in self._queued if r is not request][: policy.max_batch_size - 1]
-            batch = [request, *others]
+            batch = [request, *others]  # a batch request's own jobs are queued in order, so they stay together
             for member in batch:
                 member.taken = True
                 self._queued.remove(member)
@@ -113,11 +123,10 @@ class Batcher:
                 raise DeadlineExceededError("deadline passed while the explanation was computed")
             if not is_active():
                 raise CancelledError("explanation cancelled by the caller")
-        if isinstance(request.result, BaseException):
-            raise request.result
         return request.result  # type: ignore[return-value]
 
-    def _leave(self, request: _Request) -> None:
+    def _leave(self, requests: list[_Request]) -> None:
         with self._lock:
-            if request in self._queued:
-                self._queued.remove(request)
+            for request in requests:
+                if request in self._queued:
+                    self._queued.remove(request)
