@@ -7,6 +7,8 @@
 #    the other wheels in .gpu/base (no network needed).
 # 2. The engine and device tests, with CUDA as the default provider.
 # 3. bench/gpu.py: CUDA vs CPU trees, float16 error, the benchmark table, GPU memory over time.
+# 4. bench/throughput.py on a ResNet-50 repository (issue 14): explanations/s at concurrency 1, 4,
+#    16, 64 with dynamic batching on and off, GPU utilisation from nvidia-smi; goal: >= 4x at 16 vs 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -40,4 +42,9 @@ tail -25 "$OUT/tests.txt"
 
 echo "== CUDA vs CPU trees and the benchmark table"
 timeout 420 "$PY" bench/gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.txt"
+
+echo "== throughput: depth-3 ResNet-50 trees against concurrency, dynamic batching on and off"
+"$PY" bench/model_repository.py --arch resnet50 --out "$OUT/repository"
+timeout 300 "$PY" bench/throughput.py --repository "$OUT/repository" --model resnet50 --provider cuda \
+  --concurrency 1 4 16 64 --seconds 8 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt" || status=$?
 exit "$status"
