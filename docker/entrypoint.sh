@@ -15,6 +15,8 @@
 #   GAP_METRICS_HOST, GAP_METRICS_PORT  Prometheus /metrics   (default: 0.0.0.0 and 9090)
 #   GAP_HEALTH_PORT       a plaintext grpc.health.v1-only port for HEALTHCHECK and Kubernetes' gRPC
 #                         probes, which cannot speak TLS  (default: none; the images set 50052)
+#   GAP_HTTP_PORT         the HTTP/JSON API and the explorer page, TLS as the gRPC port  (default: none;
+#                         the images set 8000)
 #   GAP_TLS_CERT, GAP_TLS_KEY  TLS on the gRPC port: PEM files (mounted secrets)  (default: none)
 #   GAP_TLS_CLIENT_CA     mTLS: only clients with a certificate from this CA  (default: none)
 #   GAP_API_KEYS          API keys, a JSON file or env:NAME (docs/security.md)  (default: none)
@@ -44,6 +46,7 @@ set -- \
     --log-format "${GAP_LOG_FORMAT:-json}" \
     "$reflection" \
     ${GAP_HEALTH_PORT:+--health-port "$GAP_HEALTH_PORT"} \
+    ${GAP_HTTP_PORT:+--http-port "$GAP_HTTP_PORT"} \
     ${GAP_TLS_CERT:+--tls-cert "$GAP_TLS_CERT"} \
     ${GAP_TLS_KEY:+--tls-key "$GAP_TLS_KEY"} \
     ${GAP_TLS_CLIENT_CA:+--tls-client-ca "$GAP_TLS_CLIENT_CA"} \

@@ -6,8 +6,8 @@
   stage's entry point and health check serve the bundled models from that install.
 * docker/entrypoint.sh starts the server (it exec's, so SIGTERM reaches it and it drains),
   docker/healthcheck.py answers as Docker's HEALTHCHECK would.
-* docker/compose.yaml and docker/nginx/gap-grpc.conf agree with the images; nginx accepts the
-  configuration (nginx -t).
+* docker/compose.yaml, docker/nginx/gap-grpc.conf and gap-http.conf agree with the images; nginx
+  accepts the configuration (nginx -t).
 * deploy/k8s/ manifests validate against the Kubernetes schemas (kubernetes-validate, strict) and
   hold together: gRPC probes, grace periods, selectors, the GPU twin of the CPU Deployment.
 """
@@ -32,11 +32,13 @@ DOCKER = ROOT / "docker"
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "gpu": DOCKER / "Dockerfile.gpu"}
 NGINX_TLS = DOCKER / "nginx" / "gap-grpc.d" / "tls.conf"
+NGINX_HTTP = DOCKER / "nginx" / "gap-http.conf"
+NGINX_HTTP_TLS = DOCKER / "nginx" / "gap-http.d" / "tls.conf"
 
 
-def nginx_secret_files() -> set[str]:
-    """The secret files nginx's TLS snippet reads (directives only, not comments)."""
-    return set(re.findall(r"(?m)^\s*\w+\s+(/run/secrets/\S+);", NGINX_TLS.read_text()))
+def nginx_secret_files(snippet: Path = NGINX_TLS) -> set[str]:
+    """The secret files one of nginx's TLS snippets reads (directives only, not comments)."""
+    return set(re.findall(r"(?m)^\s*\w+\s+(/run/secrets/\S+);", snippet.read_text()))
 MODEL = "ppocr_cls"
 
 pytestmark = pytest.mark.timeout(240)
@@ -157,7 +159,8 @@ def test_dockerfile_shape(variant):
     assert re.fullmatch(r"[1-9]\d{3,}:[1-9]\d{3,}", user), f"numeric non-root user: {user}"
     assert exec_form(last_stage(instructions, "VOLUME")[0]) == ["/models"]
     env = env_values(instructions)
-    assert set(last_stage(instructions, "EXPOSE")[0].split()) == {env["GAP_PORT"], env["GAP_HEALTH_PORT"], env["GAP_METRICS_PORT"]}
+    assert set(last_stage(instructions, "EXPOSE")[0].split()) == {env["GAP_PORT"], env["GAP_HEALTH_PORT"], env["GAP_METRICS_PORT"],
+                                                                  env["GAP_HTTP_PORT"]}
     assert last_stage(instructions, "STOPSIGNAL") == ["SIGTERM"]
     (health,) = last_stage(instructions, "HEALTHCHECK")
     assert healthcheck_command(health) == ["python", "/app/docker/healthcheck.py"]
@@ -338,13 +341,13 @@ def test_entrypoint_maps_the_environment_to_serve_options():
     assert refused.returncode == 2 and "GAP_REFLECTION" in refused.stderr
     configured = entrypoint_args({"GAP_MODEL_REPOSITORY": "/repo", "GAP_MODELS": "a,b", "GAP_PORT": "7", "GAP_GRACE_PERIOD": "3",
                                   "GAP_MAX_CONCURRENT": "2", "GAP_MAX_QUEUE": "9", "GAP_THREADS": "4", "GAP_MAX_TREE_NODES": "99",
-                                  "GAP_PROVIDER": "cuda", "GAP_LOG_FORMAT": "text", "GAP_HEALTH_PORT": "8",
+                                  "GAP_PROVIDER": "cuda", "GAP_LOG_FORMAT": "text", "GAP_HEALTH_PORT": "8", "GAP_HTTP_PORT": "11",
                                   "GAP_TLS_CERT": "/c.pem", "GAP_TLS_KEY": "/k.pem", "GAP_TLS_CLIENT_CA": "/ca.pem",
                                   "GAP_API_KEYS": "env:KEYS"}, "--max-queue", "10")
     text = " ".join(configured)
     for expected in ("--model-repository /repo", "--port 7", "--grace-period 3", "--max-concurrent 2", "--max-queue 9",
                      "--threads 4", "--max-tree-nodes 99", "--provider cuda", "--log-format text", "--model a --model b",
-                     "--health-port 8", "--tls-cert /c.pem", "--tls-key /k.pem", "--tls-client-ca /ca.pem", "--api-keys env:KEYS"):
+                     "--health-port 8", "--http-port 11", "--tls-cert /c.pem", "--tls-key /k.pem", "--tls-client-ca /ca.pem", "--api-keys env:KEYS"):
         assert expected in text, (expected, text)
     assert text.index("--max-queue 9") < text.index("--max-queue 10"), "arguments come after the environment: they win"
     # The options exist in `gap-service serve` (a renamed option would break the image).
@@ -466,7 +469,7 @@ def test_compose_file(tmp_path):
     instructions = parse_dockerfile(DOCKERFILES["cpu"])
     assert gap["healthcheck"]["test"] == ["CMD", *healthcheck_command(last_stage(instructions, "HEALTHCHECK")[0])]
     env = gap["environment"]
-    assert set(gap["expose"]) == {env["GAP_PORT"], env["GAP_HEALTH_PORT"], env["GAP_METRICS_PORT"]}
+    assert set(gap["expose"]) == {env["GAP_PORT"], env["GAP_HEALTH_PORT"], env["GAP_METRICS_PORT"], env["GAP_HTTP_PORT"]}
     # Secrets: every file the replicas and nginx are told about is mounted, from what docker/dev-secrets.sh writes.
     secrets = compose["secrets"]
     subprocess.run(["sh", str(DOCKER / "dev-secrets.sh"), str(tmp_path)], check=True, capture_output=True, timeout=60)
@@ -480,13 +483,17 @@ def test_compose_file(tmp_path):
     image, tag = balancer["image"].split(":")
     assert image == "nginx" and tuple(int(x) for x in tag.split("-")[0].split(".")) >= (1, 27), "`resolve` needs nginx >= 1.27.3"
     assert balancer["depends_on"]["gap"]["condition"] == "service_healthy"
-    conf, tls = balancer["volumes"]
+    conf, tls, http_conf, http_tls = balancer["volumes"]
     assert (DOCKER / conf["source"]).resolve() == lb.NGINX_CONF and conf["target"] == "/etc/nginx/conf.d/default.conf"
     assert (DOCKER / tls["source"]).resolve() == NGINX_TLS and tls["target"] == "/etc/nginx/gap-grpc.d/tls.conf"
+    assert (DOCKER / http_conf["source"]).resolve() == NGINX_HTTP and http_conf["target"] == "/etc/nginx/conf.d/gap-http.conf"
+    assert (DOCKER / http_tls["source"]).resolve() == NGINX_HTTP_TLS and http_tls["target"] == "/etc/nginx/gap-http.d/tls.conf"
     listen = re.search(r"listen (\d+) ssl http2;", NGINX_TLS.read_text()).group(1)
-    assert balancer["ports"] == [f"{listen}:{listen}"], "only the TLS port is published"
-    assert nginx_secret_files() == {m["target"] for m in balancer["secrets"]}
+    http_listen = re.search(r"listen (\d+) ssl;", NGINX_HTTP_TLS.read_text()).group(1)
+    assert balancer["ports"] == [f"{listen}:{listen}", f"{http_listen}:{http_listen}"], "only the TLS ports are published"
+    assert nginx_secret_files() | nginx_secret_files(NGINX_HTTP_TLS) == {m["target"] for m in balancer["secrets"]}
     assert re.search(rf"server gap:{gap['environment']['GAP_PORT']} resolve", lb.NGINX_CONF.read_text())
+    assert re.search(rf"server gap:{gap['environment']['GAP_HTTP_PORT']} resolve", NGINX_HTTP.read_text())
 
     prometheus = services["prometheus"]
     (config,) = prometheus["volumes"]
@@ -508,11 +515,23 @@ def nginx_binary():
 
 
 def test_nginx_configuration_is_accepted(nginx_binary, tmp_path):
-    nginx = lb.Nginx(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], tmp_path, binary=nginx_binary)
+    from test_http_gateway import HttpNginx
+
+    nginx = HttpNginx(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], ["127.0.0.1:4", "127.0.0.1:5"], tmp_path, binary=nginx_binary)
     result = nginx.test_config()
     assert result.returncode == 0, result.stderr
     conf = (tmp_path / "gap-grpc.conf").read_text()
     assert conf.count("server 127.0.0.1:") == 3 and "resolve" not in conf.split("upstream gap_replicas")[1].split("}")[0]
+    http_conf = (tmp_path / "gap-http.conf").read_text()
+    assert http_conf.count("server 127.0.0.1:") == 2 and "resolve" not in http_conf.split("upstream gap_http_replicas")[1].split("}")[0]
+    # HTTP: every route is read-only, so refused or failed requests go to the next replica; the stream
+    # location passes each level on as it comes.
+    http_source = NGINX_HTTP.read_text()
+    assert "set $gap_http_upstream http://gap_http_replicas;" in http_source and "keepalive " in http_source
+    assert "set $gap_http_upstream https://gap_http_replicas;" in NGINX_HTTP_TLS.read_text(), "TLS to the replicas too"
+    assert re.search(r"proxy_next_upstream error timeout[^;]*http_503[^;]*non_idempotent;", http_source)
+    assert re.search(r"location ~ :explainStream\$ \{\s*proxy_pass \$gap_http_upstream;\s*proxy_buffering off;", http_source)
+    assert http_source.count("proxy_pass") == http_source.count("proxy_pass $gap_http_upstream;") == 2
     source = lb.NGINX_CONF.read_text()
     # gRPC over cleartext HTTP/2 to the replicas, failed connections retried elsewhere, gRPC errors
     # (not HTML) when no replica answers, keepalive to the replicas.
@@ -608,7 +627,8 @@ def test_k8s_deployment_probes_grace_and_resources(variant):
     main = container(deployment)
     env = env_of(deployment)
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
-    assert ports == {"grpc": int(env["GAP_PORT"]), "health": int(env["GAP_HEALTH_PORT"]), "metrics": int(env["GAP_METRICS_PORT"])}
+    assert ports == {"grpc": int(env["GAP_PORT"]), "health": int(env["GAP_HEALTH_PORT"]), "metrics": int(env["GAP_METRICS_PORT"]),
+                     "http": int(env["GAP_HTTP_PORT"])}
     # Native gRPC probes on the health service (SERVING once warmed up, NOT_SERVING while draining), on the
     # plaintext health-only port: the gRPC port speaks TLS, which Kubernetes' gRPC probes cannot.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -667,6 +687,8 @@ def test_k8s_service_pdb_hpa_select_the_deployment(variant):
     assert service["spec"]["selector"] == labels
     grpc_port = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert grpc_port["appProtocol"] == "grpc" and grpc_port["port"] == int(env_of(deployment)["GAP_PORT"])
+    http_port = next(p for p in service["spec"]["ports"] if p["name"] == "http")
+    assert http_port["port"] == int(env_of(deployment)["GAP_HTTP_PORT"]) and http_port["targetPort"] == "http"
     pdb = objects[("PodDisruptionBudget", "gap-service")]
     assert pdb["spec"]["selector"]["matchLabels"] == labels and pdb["spec"]["maxUnavailable"] == 1
     hpa = objects[("HorizontalPodAutoscaler", "gap-service")]
@@ -682,17 +704,27 @@ def test_k8s_service_pdb_hpa_select_the_deployment(variant):
         return lb.REPLICAS_BLOCK.sub("", text).strip()
 
     assert strip(conf) == strip(lb.NGINX_CONF.read_text()), "deploy/k8s/common/nginx-lb.yaml drifted from docker/nginx/gap-grpc.conf"
-    assert objects[("ConfigMap", "gap-lb-nginx")]["data"]["tls.conf"] == NGINX_TLS.read_text()
+    data = objects[("ConfigMap", "gap-lb-nginx")]["data"]
+    assert data["tls.conf"] == NGINX_TLS.read_text()
+    from test_http_gateway import HTTP_REPLICAS_BLOCK
+
+    assert re.search(rf"server {name}\.[a-z0-9-]+\.svc\.cluster\.local:{http_port['port']} resolve", data["gap-http.conf"])
+    assert HTTP_REPLICAS_BLOCK.sub("", data["gap-http.conf"]) == HTTP_REPLICAS_BLOCK.sub("", NGINX_HTTP.read_text()), \
+        "deploy/k8s/common/nginx-lb.yaml drifted from docker/nginx/gap-http.conf"
+    assert data["gap-http-tls.conf"] == NGINX_HTTP_TLS.read_text()
     proxy = objects[("Deployment", "gap-lb")]
     mounts = {m["mountPath"]: m for m in container(proxy)["volumeMounts"]}
     assert mounts["/etc/nginx/conf.d/default.conf"]["subPath"] == "gap-grpc.conf"
     assert mounts["/etc/nginx/gap-grpc.d/tls.conf"]["subPath"] == "tls.conf"
-    tls_dirs = {os.path.dirname(path) for path in nginx_secret_files()}
+    assert mounts["/etc/nginx/conf.d/gap-http.conf"]["subPath"] == "gap-http.conf"
+    assert mounts["/etc/nginx/gap-http.d/tls.conf"]["subPath"] == "gap-http-tls.conf"
+    tls_dirs = {os.path.dirname(path) for path in nginx_secret_files() | nginx_secret_files(NGINX_HTTP_TLS)}
     assert tls_dirs == {"/run/secrets/gap-tls"} and mounts["/run/secrets/gap-tls"]["readOnly"]
-    (tls_port,) = container(proxy)["ports"]
+    tls_port, https_port = container(proxy)["ports"]
     assert tls_port["containerPort"] == int(re.search(r"listen (\d+) ssl", NGINX_TLS.read_text()).group(1))
-    (exposed,) = objects[("Service", "gap-lb")]["spec"]["ports"]
-    assert exposed["targetPort"] == tls_port["name"], "the proxy's Service exposes its TLS port alone"
+    assert https_port["containerPort"] == int(re.search(r"listen (\d+) ssl", NGINX_HTTP_TLS.read_text()).group(1))
+    exposed = objects[("Service", "gap-lb")]["spec"]["ports"]
+    assert [p["targetPort"] for p in exposed] == [tls_port["name"], https_port["name"]], "the proxy's Service exposes its TLS ports alone"
     assert objects[("Service", "gap-lb")]["spec"]["selector"] == proxy["spec"]["template"]["metadata"]["labels"]
     assert proxy["spec"]["template"]["metadata"]["labels"] != labels, "the proxy's pods are not gap-service endpoints"
 

@@ -57,6 +57,7 @@ SOCKET_TIMEOUT = 30.0  # seconds a connection may sit idle or stall between byte
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32768
 MAX_QUERY_FIELDS = 64
+LINGER_SECONDS, LINGER_BYTES = 1.0, 2**20  # reading what a refused request still sends, before closing
 DEFAULT_TIMEOUT = 300.0  # the call's deadline unless grpc-timeout or X-Gap-Timeout says otherwise (nginx's too)
 MAX_TIMEOUT = 3600.0
 SECURITY_HEADERS = (
@@ -212,9 +213,11 @@ def request_message(route: Route, path_values: dict[tuple[str, ...], str], query
         document: dict[str, Any] = {}
     else:
         try:
-            document = json.loads(body) if body.strip() else {}
+            text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise HttpError(400, "the body is not UTF-8 JSON") from None
+        try:
+            document = json.loads(text) if text.strip() else {}
         except (ValueError, RecursionError) as exc:
             raise HttpError(400, f"the body is not JSON: {printable(exc)}") from None
         if not isinstance(document, dict):
@@ -399,6 +402,7 @@ class Handler(BaseHTTPRequestHandler):
     """One connection (keep-alive: several requests); see the module docstring."""
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # no HTTP/0.9: every answer, errors included, has a status line
     timeout = SOCKET_TIMEOUT
     server: _Server
 
@@ -408,12 +412,26 @@ class Handler(BaseHTTPRequestHandler):
             self.request.do_handshake()
         super().setup()
         self.gateway = self.server.gateway
-        self.busy = False
+        self.busy = self._linger = False
         self.server.connections.add(self)
 
     def finish(self) -> None:
         self.server.connections.discard(self)
         super().finish()
+        if self._linger:
+            self._drain_input()
+
+    def _drain_input(self) -> None:
+        """A lingering close after a refusal that left input unread: closing at once would reset the
+        connection, and the client could lose the answer. Bounded: LINGER_SECONDS, LINGER_BYTES."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_SECONDS)
+            deadline, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+            while left > 0 and time.monotonic() < deadline and (chunk := self.connection.recv(min(left, 65536))):
+                left -= len(chunk)
+        except OSError:
+            pass
 
     # Every method comes here: routes answer 405 (with Allow) to the ones they do not take.
     def do_GET(self) -> None:
@@ -485,6 +503,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _refuse(self, refusal: HttpError) -> None:
+        self._linger = self._linger or refusal.close
         code = OWN_CODES.get(refusal.status, grpc.StatusCode.UNKNOWN)
         self._respond(refusal.status, dumps(status_json(code, refusal.message)), headers=refusal.headers,
                       close=refusal.close)
