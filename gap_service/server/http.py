@@ -408,6 +408,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.request.settimeout(self.timeout)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers, body, stream lines: no Nagle delay
         if isinstance(self.request, ssl.SSLSocket):
             self.request.do_handshake()
         super().setup()
