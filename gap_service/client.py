@@ -14,6 +14,15 @@
 ``explain`` and ``expand`` return ``gap_service.explanation.Explanation`` objects rebuilt from
 the response (maps from the raw tensors), so everything that works on a local explanation (the
 HTML report, ``path``, ``upsampled``) works on a remote one. The raw stub is ``client.stub``.
+
+Several inputs per call (``inputs``: images as bytes or paths, tensors as numpy arrays, mixed as
+you like; at most ``GetModel``'s ``limits.max_batch_inputs``): ``predict_many`` and
+``explain_many`` return one result per input, in order; ``explain_stream(model, inputs=[...])``
+yields each input's levels as the server computes them, ``StreamLevel.input`` saying whose::
+
+    trees = client.explain_many("ppocr_cls", ["a.png", "b.png", array], depth=3, top_k=5)
+    for level in client.explain_stream("ppocr_cls", inputs=["a.png", "b.png"]):
+        print(level.input, level.level, len(level.nodes))
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from .explanation import Explanation, Node
 from .options import ExplainOptions
 from .prediction import Prediction
 from .wire import messages, pb
-from .wire.messages import OutputOptions, input_to_proto
+from .wire.messages import OutputOptions, input_to_proto, inputs_to_proto
 from .wire.tensors import from_tensor
 
 S = pb.service
@@ -163,12 +172,15 @@ def channel_credentials(*, tls: bool = False, root_certificates: Pem | None = No
 
 @dataclass
 class StreamLevel:
-    """One message of ExplainStream: the level's new nodes and the tree assembled so far."""
+    """One message of ExplainStream: the level's new nodes and the tree assembled so far. With
+    several inputs, ``input`` is the index of the input whose tree it is (0 otherwise); each input's
+    last item is ``done`` and holds its finished tree."""
 
     level: int
     nodes: list[Node]
     explanation: Explanation
     done: bool = False
+    input: int = 0
 
 
 @dataclass
@@ -180,10 +192,14 @@ class Expansion:
     paths: dict[int, list[int]] = field(default_factory=dict)  # node id -> channels from the decision
 
 
+InputItem = ImageSource | np.ndarray  # one of several inputs: an encoded image (bytes, a path) or a tensor
+
+
 def explain_request(model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
-                    version: int = 0, options: ExplainOptions | None = None, output: OutputOptions | None = None,
-                    **fields: object) -> pb.service.ExplainRequest:
-    """An ExplainRequest; ``fields`` set single ExplainOptions or OutputOptions fields (``top_k=3, heatmaps=True``)."""
+                    inputs: Sequence[InputItem] | None = None, version: int = 0, options: ExplainOptions | None = None,
+                    output: OutputOptions | None = None, **fields: object) -> pb.service.ExplainRequest:
+    """An ExplainRequest of one input (``image`` or ``tensor``) or several (``inputs``); ``fields`` set
+    single ExplainOptions or OutputOptions fields (``top_k=3, heatmaps=True, map_levels=1``)."""
     unknown = set(fields) - _OPTION_FIELDS - _OUTPUT_FIELDS
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}; they are the fields of ExplainOptions and OutputOptions")
@@ -191,8 +207,21 @@ def explain_request(model: str, image: ImageSource | None = None, tensor: np.nda
     if options.layers is not None:
         options = replace(options, layers=tuple(options.layers))
     output = replace(output or OutputOptions(), **{k: v for k, v in fields.items() if k in _OUTPUT_FIELDS})
-    return S.ExplainRequest(model=model, version=version, input=input_to_proto(image, tensor),
-                            options=messages.options_to_proto(options), output=messages.output_to_proto(output))
+    request = S.ExplainRequest(model=model, version=version, options=messages.options_to_proto(options),
+                               output=messages.output_to_proto(output))
+    if inputs is not None:
+        if image is not None or tensor is not None:
+            raise ValueError("pass one input (image or tensor) or several (inputs), not both")
+        request.inputs.extend(inputs_to_proto(inputs))
+    else:
+        request.input.CopyFrom(input_to_proto(image, tensor))
+    return request
+
+
+def _one_input(method: str, options: dict) -> None:
+    if "inputs" in options:
+        raise TypeError(f"{method} takes one input (image or tensor)"
+                        + ("; explain_many takes several" if method == "explain" else ""))
 
 
 class GapClient:
@@ -275,34 +304,56 @@ class GapClient:
             request.top_k = top_k
         return messages.prediction_from_proto(self._unary(self.stub.Predict, request, timeout))
 
+    def predict_many(self, model: str, inputs: Sequence[InputItem], *, top_k: int | None = None, version: int = 0,
+                     timeout: float | None = None) -> list[Prediction]:
+        """One Predict call for several inputs (images and tensors): one Prediction per input, in order."""
+        request = S.PredictRequest(model=model, version=version, inputs=inputs_to_proto(inputs))
+        if top_k is not None:
+            request.top_k = top_k
+        response = self._unary(self.stub.Predict, request, timeout)
+        return [messages.prediction_from_proto(result) for result in response.results]
+
     # -- explanations ---------------------------------------------------------------------------
     def explain(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
                 timeout: float | None = None, **options) -> Explanation:
         """The whole tree (see ``explain_request`` for the options)."""
+        _one_input("explain", options)
         response = self._unary(self.stub.Explain, explain_request(model, image, tensor, **options), timeout)
         return messages.explanation_from_proto(response.explanation)
 
+    def explain_many(self, model: str, inputs: Sequence[InputItem], *, timeout: float | None = None,
+                     **options) -> list[Explanation]:
+        """One Explain call for several inputs (images and tensors), the same options for all: one tree
+        per input, in order, each what ``explain`` returns for it alone."""
+        response = self._unary(self.stub.Explain, explain_request(model, inputs=inputs, **options), timeout)
+        return [messages.explanation_from_proto(tree) for tree in response.explanations]
+
     def explain_stream(self, model: str, image: ImageSource | None = None, tensor: np.ndarray | None = None, *,
-                       timeout: float | None = None, **options) -> Iterator[StreamLevel]:
-        """Levels as the server computes them; the last item (``done``) holds the finished tree.
+                       inputs: Sequence[InputItem] | None = None, timeout: float | None = None,
+                       **options) -> Iterator[StreamLevel]:
+        """Levels as the server computes them; the last item (``done``) holds the finished tree. With
+        ``inputs``, every input's levels, interleaved as computed (``StreamLevel.input`` says whose),
+        and one ``done`` item per input.
 
         Breaking out of the loop cancels the call (the server stops computing).
         """
-        request = S.ExplainStreamRequest(request=explain_request(model, image, tensor, **options))
+        request = S.ExplainStreamRequest(request=explain_request(model, image, tensor, inputs=inputs, **options))
         call = self.stub.ExplainStream(request, timeout=self._timeout(timeout))
-        tree: Explanation | None = None
+        trees: dict[int, Explanation] = {}
         try:
             for message in call:
                 if message.HasField("header"):
-                    tree = messages.explanation_from_proto(message.header)
-                assert tree is not None, "the first ExplainStream message carries the header"
+                    trees[message.input] = messages.explanation_from_proto(message.header)
+                tree = trees.get(message.input)
+                if tree is None:
+                    raise ValueError(f"stream out of order: input {message.input}'s first message has no header")
                 if message.HasField("root"):
                     tree.nodes[0] = messages.node_from_proto(message.root)
                 if message.HasField("summary"):
                     summary = message.summary
                     tree.probability = summary.probability if summary.HasField("probability") else None
                     tree.cams = {name: from_tensor(t).astype(np.float32) for name, t in summary.cams.items()}
-                    yield StreamLevel(message.level, [], tree, done=True)
+                    yield StreamLevel(message.level, [], tree, done=True, input=message.input)
                     continue
                 nodes = [messages.node_from_proto(n) for n in message.nodes]
                 for node in nodes:
@@ -311,13 +362,14 @@ class GapClient:
                     tree.nodes.append(node)
                     if node.parent is not None and node.id not in tree.nodes[node.parent].children:
                         tree.nodes[node.parent].children.append(node.id)
-                yield StreamLevel(message.level, nodes, tree)
+                yield StreamLevel(message.level, nodes, tree, input=message.input)
         finally:
             call.cancel()  # no-op once finished; stops the server when the caller broke off early
 
     def expand(self, model: str, path: Sequence[int], image: ImageSource | None = None, tensor: np.ndarray | None = None,
                *, timeout: float | None = None, **options) -> Expansion:
         """The subtree below the node at ``path`` (channels from the root), top_k/depth for the subtree."""
+        _one_input("expand", options)
         request = S.ExpandRequest(request=explain_request(model, image, tensor, **options), path=list(path))
         response = self._unary(self.stub.Expand, request, timeout)
         paths = {n.id: list(n.path) for n in response.explanation.nodes}

@@ -78,3 +78,17 @@ def test_node_client_calls_every_rpc(node_client, tmp_path):
     assert [r["map_sha256"] for r in out["image"]["nodes"]] == [sha(n.map) for n in from_image.nodes]
     assert out["image"]["picture_shape"] == [48, 192, 3] and out["image"]["heatmap_png"] == "PNG"
     assert out["errors"]["top_k"][0]["field"] == "options.top_k"
+
+    # Several inputs per call (predictMany, explainMany, explainStream with inputs): each result is the
+    # in-process engine's for that input, maps bit for bit.
+    batch = out["batch"]
+    inputs = [tensor, -tensor, picture_tensor]
+    for logits, x in zip(batch["predict"], inputs):
+        assert logits == [float(v) for v in compiled.forward(explainer.feeds(x), [compiled.decision.logits])[
+            compiled.decision.logits].reshape(-1)]
+    for remote_tree, x in zip(batch["trees"], inputs, strict=True):
+        local_tree = explainer.explain(x, depth=3, top_k=3)
+        assert remote_tree["target"] == local_tree.target
+        assert [(r["layer"], r["channel"], r["score"], r["map_sha256"]) for r in remote_tree["nodes"]] == \
+            [(n.layer, n.channel, n.score, sha(n.map)) for n in local_tree.nodes]
+    assert batch["bad_input"] == ["inputs[1].tensor.data"] and batch["both"] == ["input", "inputs"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..atlas import Atlas, ChannelEntry, ChannelStats, Patch
 from ..colors import heatmap_png
-from ..errors import ResourceLimitError, invalid
+from ..errors import FieldViolation, InvalidInputError, ResourceLimitError, invalid
 from ..explainer import ModelDescription
 from ..explanation import ExplainedTarget, Explanation, Node
 from ..inputs import EncodedImage, Inputs
@@ -94,14 +94,27 @@ def target_to_proto(target: Target) -> pb.explanation.Target:
     return E.Target(class_index=int(target))
 
 
-def input_from_proto(message: pb.service.Input) -> Inputs:
+def input_from_proto(message: pb.service.Input, field: str = "input") -> Inputs:
+    """One Input; errors name it as ``field`` (``input``, ``inputs[3]``)."""
     source = message.WhichOneof("source")
     if source is None:
-        raise invalid("input", "set either image (encoded PNG/JPEG) or tensor")
+        raise invalid(field, "set either image (encoded PNG/JPEG) or tensor")
     if source == "image":
         return EncodedImage(message.image)
-    array = from_tensor(message.tensor, "input.tensor")
+    array = from_tensor(message.tensor, f"{field}.tensor")
     return {message.tensor.name: array} if message.tensor.name else array
+
+
+def inputs_from_proto(message: pb.service.PredictRequest | pb.service.ExplainRequest) -> tuple[tuple[Inputs, ...], bool]:
+    """A request's inputs and whether it used ``inputs`` (several) rather than ``input``: exactly one
+    of the two is set. Each is decoded, in order; the first bad one fails with its index."""
+    if message.HasField("input") and len(message.inputs):
+        description = "set either input (one) or inputs (several), not both"
+        raise InvalidInputError(f"input, inputs: {description}", (FieldViolation("input", description),
+                                                                   FieldViolation("inputs", description)))
+    if len(message.inputs):
+        return tuple(input_from_proto(item, f"inputs[{index}]") for index, item in enumerate(message.inputs)), True
+    return (input_from_proto(message.input),), False
 
 
 def input_to_proto(image: bytes | str | Path | None = None, tensor: np.ndarray | None = None,
@@ -114,6 +127,16 @@ def input_to_proto(image: bytes | str | Path | None = None, tensor: np.ndarray |
     return S.Input(tensor=to_tensor(np.asarray(tensor), name=name))
 
 
+def inputs_to_proto(items: Sequence[bytes | str | Path | np.ndarray]) -> list[pb.service.Input]:
+    """A request's ``inputs``: each item an encoded image (bytes or a file path) or a tensor (a numpy array)."""
+    if isinstance(items, (bytes, str, Path, np.ndarray)):
+        raise TypeError("inputs is a sequence of images (encoded bytes or file paths) and tensors (numpy arrays)")
+    messages = [input_to_proto(tensor=item) if isinstance(item, np.ndarray) else input_to_proto(image=item) for item in items]
+    if not messages:
+        raise ValueError("inputs is empty: pass at least one image or tensor")
+    return messages
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     """What a response carries besides the tree (gap.v1.OutputOptions)."""
@@ -124,6 +147,11 @@ class OutputOptions:
     picture: bool = False
     omit_maps: bool = False
     report: bool = False  # Explain only: the HTML report (ExplainResponse.report_html)
+    map_levels: int | None = None  # maps only for nodes of levels 0..map_levels (None: every node)
+
+    def has_map(self, level: int) -> bool:
+        """Whether a node of this level carries its map (and heatmap)."""
+        return self.map_levels is None or level <= self.map_levels
 
 
 def output_from_proto(message: pb.explanation.OutputOptions) -> OutputOptions:
@@ -133,12 +161,18 @@ def output_from_proto(message: pb.explanation.OutputOptions) -> OutputOptions:
         map_dtype = "float16"
     else:
         raise invalid("output.map_dtype", f"{dtype_name(message.map_dtype)}: maps are DATA_TYPE_FLOAT32 or DATA_TYPE_FLOAT16")
-    return OutputOptions(map_dtype, message.heatmaps, message.cams, message.picture, message.omit_maps, message.report)
+    map_levels = message.map_levels if message.HasField("map_levels") else None
+    if map_levels is not None and map_levels < 0:
+        raise invalid("output.map_levels", f"{map_levels} must not be negative (0: the root's map only; unset: every node's)")
+    return OutputOptions(map_dtype, message.heatmaps, message.cams, message.picture, message.omit_maps, message.report,
+                         map_levels)
 
 
 def output_to_proto(output: OutputOptions) -> pb.explanation.OutputOptions:
     values = {f.name: getattr(output, f.name) for f in fields(output)}
     values["map_dtype"] = dtype_code(np.dtype(output.map_dtype))
+    if values["map_levels"] is None:
+        del values["map_levels"]
     return E.OutputOptions(**values)
 
 
@@ -148,14 +182,16 @@ class ExplainQuery:
 
     model: str
     version: int
-    inputs: Inputs
+    inputs: tuple[Inputs, ...]  # one per input: the request's ``input``, or each of its ``inputs``
     options: ExplainOptions
     output: OutputOptions
+    several: bool = False  # the request used ``inputs``: the answer is one tree per input
 
 
 def explain_from_proto(message: pb.service.ExplainRequest) -> ExplainQuery:
-    return ExplainQuery(message.model, message.version, input_from_proto(message.input),
-                        options_from_proto(message.options), output_from_proto(message.output))
+    inputs, several = inputs_from_proto(message)
+    return ExplainQuery(message.model, message.version, inputs, options_from_proto(message.options),
+                        output_from_proto(message.output), several)
 
 
 # -- explanations -> messages ---------------------------------------------------------------------
@@ -165,6 +201,7 @@ def node_proto(node: Node, path: list[int], output: OutputOptions, input_hw: tup
                      share=float(node.share), path=path, children=list(node.children) if with_children else [])
     if node.parent is not None:
         message.parent = node.parent
+    with_map = with_map and output.has_map(node.level)
     if with_map and not output.omit_maps:
         message.map.CopyFrom(to_tensor(node.map, output.map_dtype))
     if with_map and output.heatmaps:
@@ -241,8 +278,9 @@ def report_html(explanation: Explanation, atlas: Atlas | None, max_bytes: int) -
     return html
 
 
-def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:
-    return S.PredictResponse(
+def _prediction_fields(prediction: Prediction) -> dict:
+    """The fields a PredictResponse and a Prediction message share."""
+    return dict(
         logits=to_tensor(prediction.logits),
         classes=[S.ClassScore(index=c.index, label=c.label, logit=c.logit, probability=c.probability)
                  for c in prediction.classes],
@@ -252,19 +290,31 @@ def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:
     )
 
 
+def prediction_proto(prediction: Prediction) -> pb.service.PredictResponse:
+    return S.PredictResponse(**_prediction_fields(prediction))
+
+
+def predictions_proto(predictions: Sequence[Prediction]) -> pb.service.PredictResponse:
+    """The response to a request with ``inputs``: one Prediction each, engine_seconds their sum."""
+    return S.PredictResponse(results=[S.Prediction(**_prediction_fields(p)) for p in predictions],
+                             engine_seconds=sum(p.engine_seconds for p in predictions))
+
+
 @dataclass(frozen=True)
 class PredictQuery:
     """A PredictRequest, decoded."""
 
     model: str
     version: int
-    inputs: Inputs
+    inputs: tuple[Inputs, ...]  # one per input: the request's ``input``, or each of its ``inputs``
     top_k: int
+    several: bool = False  # the request used ``inputs``: the answer is ``results``
 
 
 def predict_from_proto(message: pb.service.PredictRequest) -> PredictQuery:
     top_k = message.top_k if message.HasField("top_k") else DEFAULT_TOP_CLASSES
-    return PredictQuery(message.model, message.version, input_from_proto(message.input), top_k)
+    inputs, several = inputs_from_proto(message)
+    return PredictQuery(message.model, message.version, inputs, top_k, several)
 
 
 # -- messages -> explanations (client side) -------------------------------------------------------
@@ -295,7 +345,8 @@ def node_from_proto(n: pb.explanation.Node) -> Node:
                 channel=n.channel, score=n.score, share=n.share, map=values, children=list(n.children))
 
 
-def prediction_from_proto(message: pb.service.PredictResponse) -> Prediction:
+def prediction_from_proto(message: pb.service.PredictResponse | pb.service.Prediction) -> Prediction:
+    """A single input's PredictResponse, or one of a batch's ``results``."""
     return Prediction(from_tensor(message.logits, "logits"),
                       [ClassScore(c.index, c.label, c.logit, c.probability) for c in message.classes],
                       message.engine_seconds,

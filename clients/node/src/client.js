@@ -14,6 +14,13 @@
  * Messages are plain objects with the proto's field names (snake_case); bytes are Buffers,
  * enums are strings, 64-bit integers are Numbers. Tensors travel as raw little-endian bytes:
  * use tensorFromFloat32() to send one and tensorValues() to read one.
+ *
+ * Several inputs per call: give `inputs` (an array of Inputs, at most the model's
+ * limits.max_batch_inputs) instead of `input`. predictMany() and explainMany() return one
+ * result per input, in order; explainStream() with `inputs` yields each input's levels as they
+ * are computed, `item.input` saying whose:
+ *
+ *   const trees = await client.explainMany({ model: 'ppocr_cls', inputs: [{ image: a }, { image: b }] });
  */
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
@@ -206,11 +213,30 @@ class GapClient {
   predict(request, deadlineMs) { return this._unary(this.stub, 'Predict', request, deadlineMs); }
 
   /**
+   * One Predict call for several inputs. request: {model, inputs: [{image} | {tensor}, ...], top_k?}.
+   * Resolves to the predictions, one per input in order: [{logits, classes, engine_seconds, detections}].
+   */
+  async predictMany(request, deadlineMs) {
+    const response = await this._unary(this.stub, 'Predict', request, deadlineMs);
+    return response.results;
+  }
+
+  /**
    * request: {model, input, options: {layers, target, output, seed, top_k, depth, min_share, score}, output: {...}}.
    * target: {class_index} | {detection: {index, class_index?, spread}} | {region: {channel, box?, mask?}} |
    * {element: {index}}; seed: a tensor shaped like options.output (docs/targets.md). Unset: the model's task default.
    */
   explain(request, deadlineMs) { return this._unary(this.stub, 'Explain', request, deadlineMs); }
+
+  /**
+   * One Explain call for several inputs, the same options for all. request: as for explain(), with
+   * inputs: [{image} | {tensor}, ...] instead of input. Resolves to the trees (Explanation messages),
+   * one per input in order, each what explain() returns for that input alone.
+   */
+  async explainMany(request, deadlineMs) {
+    const response = await this._unary(this.stub, 'Explain', request, deadlineMs);
+    return response.explanations;
+  }
 
   /**
    * The subtree below one node. request: the ExplainRequest that produced the tree (its
@@ -227,20 +253,25 @@ class GapClient {
   }
 
   /**
-   * Async iterator over the levels; each item is {level, nodes, tree, done}. The tree is assembled
-   * as levels arrive (children rebuilt from parents); breaking out of the loop cancels the call.
+   * Async iterator over the levels; each item is {input, level, nodes, tree, done}. The tree is
+   * assembled as levels arrive (children rebuilt from parents); breaking out of the loop cancels the
+   * call. With request.inputs, every input's tree is assembled on its own: `input` is the item's
+   * index into request.inputs (0 with a single input), and each input ends with its `done` item.
    */
   async *explainStream(request, deadlineMs) {
     const call = this.explainStreamCall(request, deadlineMs);
-    let tree = null;
+    const trees = new Map();
     try {
       for await (const message of call) {
-        if (message.header) tree = { ...message.header, nodes: [] };
+        const input = message.input || 0;
+        if (message.header) trees.set(input, { ...message.header, nodes: [] });
+        const tree = trees.get(input);
+        if (!tree) throw new Error(`stream out of order: input ${input}'s first message has no header`);
         if (message.root) tree.nodes[0] = { ...message.root };
         if (message.summary) {
           tree.probability = message.summary.probability;
           tree.cams = message.summary.cams;
-          yield { level: message.level, nodes: [], tree, done: true };
+          yield { input, level: message.level, nodes: [], tree, done: true };
           continue;
         }
         for (const node of message.nodes) {
@@ -250,7 +281,7 @@ class GapClient {
             tree.nodes[node.parent].children.push(node.id);
           }
         }
-        yield { level: message.level, nodes: message.nodes, tree, done: false };
+        yield { input, level: message.level, nodes: message.nodes, tree, done: false };
       }
     } finally {
       call.cancel();

@@ -127,6 +127,46 @@ async function main() {
     picture_shape: fromImage.explanation.picture.shape,
     heatmap_png: fromImage.explanation.nodes[0].heatmap_png.subarray(1, 4).toString() };
 
+  // Several inputs per call: a tensor, its negation and the image; each result equals the same
+  // input's single call, and the stream assembles every input's tree to the same.
+  const negated = Buffer.from(tensor.data);
+  for (let i = 3; i < negated.length; i += 4) negated[i] ^= 0x80; // flips the sign of each float32
+  const inputs = [{ tensor }, { tensor: { ...tensor, data: negated } }, { image }];
+  const predictions = await client.predictMany({ model: args.model, inputs, top_k: 2 });
+  assert.equal(predictions.length, 3);
+  for (let i = 0; i < inputs.length; i += 1) {
+    const single = await client.predict({ model: args.model, input: inputs[i], top_k: 2 });
+    assert.deepEqual(Array.from(tensorValues(predictions[i].logits)), Array.from(tensorValues(single.logits)), `predict ${i}`);
+    assert.deepEqual(predictions[i].classes, single.classes, `predict ${i} classes`);
+  }
+  const batchRequest = { model: args.model, inputs, options: { depth: 3, top_k: 3 } };
+  const trees = await client.explainMany(batchRequest);
+  assert.equal(trees.length, 3);
+  for (let i = 0; i < inputs.length; i += 1) {
+    const single = (await client.explain({ model: args.model, input: inputs[i], options: { depth: 3, top_k: 3 } })).explanation;
+    assert.deepEqual(trees[i].nodes.map(summary), single.nodes.map(summary), `explainMany tree ${i}`);
+  }
+  const streamed = new Map();
+  const streamLevels = [[], [], []];
+  for await (const item of client.explainStream(batchRequest)) {
+    if (item.done) streamed.set(item.input, item.tree); else streamLevels[item.input].push(item.level);
+  }
+  assert.deepEqual(streamLevels, [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]);
+  for (let i = 0; i < inputs.length; i += 1) {
+    assert.deepEqual(streamed.get(i).nodes.map(summary), trees[i].nodes.map(summary), `streamed tree ${i}`);
+  }
+  const badInput = await expectError(client.explainMany({ ...batchRequest,
+    inputs: [inputs[0], { tensor: { ...tensor, data: tensor.data.subarray(4) } }, inputs[2]] }), grpc.status.INVALID_ARGUMENT);
+  const both = await expectError(client.explain({ ...batchRequest, input: inputs[0] }), grpc.status.INVALID_ARGUMENT);
+  out.batch = {
+    predict: predictions.map((p) => Array.from(tensorValues(p.logits))),
+    trees: trees.map((t) => ({ target: t.target, nodes: t.nodes.map(summary) })),
+    bad_input: fieldViolations(badInput).map((v) => v.field),
+    both: fieldViolations(both).map((v) => v.field),
+  };
+  assert.deepEqual(out.batch.bad_input, ['inputs[1].tensor.data']);
+  assert.deepEqual(out.batch.both, ['input', 'inputs']);
+
   // Errors: the status codes and field violations.
   const status = grpc.status;
   await expectError(client.explain({ ...request, model: 'no_such_model' }), status.NOT_FOUND);
