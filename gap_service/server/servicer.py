@@ -63,11 +63,15 @@ def raise_for_input(exc: Exception, index: int) -> NoReturn:
     name = f"inputs[{index}]"
     violations = tuple(FieldViolation(name + v.field[len("input"):], v.description)
                        if v.field == "input" or v.field.startswith("input.") else v for v in exc.violations)
-    if not any(v.field.startswith(name) for v in violations):
-        violations = (FieldViolation(name, exc.message), *violations)
+    if any(v.field.startswith(name) for v in violations):
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    else:
+        message = f"{name}: {exc.message}"
+        named = ", ".join(v.field for v in violations)
+        violations = (FieldViolation(name, f"its tree failed on {named}" if named else exc.message), *violations)
     renamed = type(exc).__new__(type(exc))
     renamed.__dict__.update(exc.__dict__)  # a subclass's own attributes (an UnsupportedOpError's ops)
-    GapError.__init__(renamed, "; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+    GapError.__init__(renamed, message, violations)
     raise renamed from exc
 
 
