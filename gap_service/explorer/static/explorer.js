@@ -29,6 +29,7 @@ const state = {
   run: null, // the explanation on display: {gen, request, header, summary, controller, urls}
   gen: 0,
   predictController: null,
+  predicted: null, // "model|image serial" of the prediction asked for
   channels: new Map(), // "model|layer|channel" -> Promise<GetChannelResponse>
   layerMisses: new Map(), // "model|layer" -> ApiError (no atlas, or a layer it does not cover)
   timings: new Map(),
@@ -169,6 +170,7 @@ async function loadModels() {
 async function selectModel(name) {
   clearError();
   state.model = name;
+  state.info = null;
   history.replaceState(null, "", `#model=${encodeURIComponent(name)}`);
   const { data } = await api.getModel(name);
   if (state.model !== name) return;
@@ -197,7 +199,7 @@ async function selectModel(name) {
 // -- image and prediction ------------------------------------------------------------------------
 async function setImage(bytes, name) {
   clearError();
-  state.image = { bytes, base64: bytesToBase64(bytes), name };
+  state.image = { bytes, base64: bytesToBase64(bytes), name, serial: (state.image ? state.image.serial : 0) + 1 };
   state.target = null;
   resetPrediction();
   resetExplanation();
@@ -207,6 +209,7 @@ async function setImage(bytes, name) {
 
 function resetPrediction() {
   if (state.predictController) state.predictController.abort();
+  state.predicted = null;
   state.prediction = null;
   $("classes").replaceChildren();
   $("detections").replaceChildren();
@@ -216,7 +219,12 @@ function resetPrediction() {
 }
 
 async function predict() {
-  if (!state.image || !state.model) return;
+  if (!state.image || !state.model || !state.info) return; // selectModel predicts once the model is described
+  // Once per (model, image): an image chosen while the model is still being described is
+  // predicted by whichever of selectModel and setImage gets there first.
+  const key = `${state.model}|${state.image.serial}`;
+  if (state.predicted === key) return;
+  state.predicted = key;
   const controller = new AbortController();
   state.predictController = controller;
   const model = state.model;
@@ -247,7 +255,10 @@ async function predict() {
 
 function renderPrediction() {
   const data = state.prediction || {};
-  const classes = data.classes || [];
+  // A detector's score output can look like a class vector (BlazeFace: [1, 896, 1], one logit per
+  // anchor): its "classes" are anchors, so a declared detector shows its boxes only.
+  const detector = ((state.info || {}).task || {}).kind === "detection";
+  const classes = detector ? [] : data.classes || [];
   const detections = data.detections || [];
   const list = $("classes");
   list.replaceChildren();
@@ -291,7 +302,9 @@ function renderPrediction() {
     dl.append(item);
   });
   $("predict-empty").hidden = Boolean(classes.length || detections.length);
-  if (!classes.length && !detections.length) $("predict-empty").textContent = "The model's output is not a class vector.";
+  if (!classes.length && !detections.length) {
+    $("predict-empty").textContent = detector ? "No detections above the model's score threshold." : "The model's output is not a class vector.";
+  }
   input.setDetections(detections, null);
   markChoice();
 }
@@ -312,8 +325,11 @@ function markChoice() {
 function resetExplanation() {
   const run = state.run;
   if (run) {
-    run.controller.abort();
-    for (const promise of run.urls) promise.then((url) => URL.revokeObjectURL(url)).catch(() => {});
+    // A stream whose summary came is done: let its end arrive rather than cancel it.
+    if (!run.summary) run.controller.abort();
+    // Later, so that no image still loading from one of them fails (every callback checks the run).
+    const urls = run.urls;
+    setTimeout(() => { for (const promise of urls) promise.then((url) => URL.revokeObjectURL(url)).catch(() => {}); }, 5000);
   }
   state.run = null;
   state.gen += 1;
@@ -396,9 +412,18 @@ function figure(title, caption, code) {
   return { fig, stack, pic, heat };
 }
 
-function setHeat(img, promise) {
+/** Shows an object URL in an image once it is made, if the image still belongs to the run on display. */
+function showUrl(run, img, promise) {
+  promise.then((url) => {
+    if (state.run !== run || !img.isConnected) return;
+    img.src = url;
+    img.classList.remove("loading");
+  }).catch(() => {});
+}
+
+function setHeat(run, img, promise) {
   img.classList.add("loading");
-  promise.then((url) => { img.src = url; img.classList.remove("loading"); }).catch(() => {});
+  showUrl(run, img, promise);
 }
 
 function boxSvg(box, width, height) {
@@ -437,7 +462,7 @@ function onHeader(run, header) {
   const box = explainedBox(header);
   if (box) run.figures.input.stack.append(boxSvg(box, w, h));
   run.figures.input.heat.remove();
-  for (const f of Object.values(run.figures)) run.picture.then((url) => { f.pic.src = url; }).catch(() => {});
+  for (const f of Object.values(run.figures)) showUrl(run, f.pic, run.picture);
   $("maps").hidden = false;
   input.setTarget(box ? { box } : null);
   const explained = header.explained || {};
@@ -493,7 +518,7 @@ async function explain() {
     for (const node of message.nodes || []) addNode(run, node);
     if (message.root) {
       const root = addNode(run, message.root);
-      if (root.overlay && run.figures) setHeat(run.figures.gap.heat, root.overlay);
+      if (root.overlay && run.figures) setHeat(run, run.figures.gap.heat, root.overlay);
     }
     if (level >= 1 && !message.summary) {
       for (const node of tree.nodes.values()) if (node.level === level - 1 && node.state === "pending") tree.loaded(node);
@@ -520,8 +545,8 @@ function onSummary(run, summary, depth) {
   for (const key of ["gradcam", "layercam", ...Object.keys(cams).filter((k) => !(k in CAM_TITLES) && k !== "gap")]) {
     if (!cams[key]) continue;
     const f = figure(CAM_TITLES[key] || key, "baseline, same layer");
-    run.picture.then((url) => { f.pic.src = url; }).catch(() => {});
-    setHeat(f.heat, track(run, camOverlay(cams[key], h, w)));
+    showUrl(run, f.pic, run.picture);
+    setHeat(run, f.heat, track(run, camOverlay(cams[key], h, w)));
   }
   const pending = [...tree.nodes.values()].filter((n) => n.state === "pending").length;
   $("tree-status").textContent = `${Number(summary.nodeCount || tree.nodes.size)} nodes` +
@@ -578,9 +603,9 @@ function showDetails(node) {
   const heat = el("img", "heat");
   heat.alt = `evidence of ${root ? "the decision" : "channel " + node.channel}`;
   stack.append(pic, heat);
-  if (state.run && state.run.picture) state.run.picture.then((url) => { pic.src = url; }).catch(() => {});
-  if (node.overlayUrl) heat.src = node.overlayUrl;
-  else if (node.overlay) node.overlay.then((url) => { heat.src = url; }).catch(() => {});
+  const run = state.run;
+  if (run && run.picture) showUrl(run, pic, run.picture);
+  if (run && node.overlay) showUrl(run, heat, node.overlay);
   box.append(stack);
   const dl = el("dl", "kv");
   const row = (k, v, mono) => { dl.append(el("dt", "", k)); dl.append(el("dd", mono ? "mono" : "", v)); };

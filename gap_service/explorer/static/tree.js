@@ -62,6 +62,7 @@ export class TreeView {
 
   clear() {
     this.nodes.clear();
+    this.pictureUrl = null;
     this.focused = null;
     this.root.replaceChildren();
   }
@@ -182,7 +183,9 @@ export class TreeView {
       (node.state === "pending" ? ", not decomposed yet" : "") + (node.note ? `, ${node.note}` : ""));
     if (node.overlay && !node.overlayBound) {
       node.overlayBound = true;
-      node.overlay.then((url) => { node.heatEl.src = url; node.overlayUrl = url; }).catch(() => {});
+      node.overlay.then((url) => {
+        if (this.nodes.get(node.key) === node) node.heatEl.src = url; // not a tree cleared since
+      }).catch(() => {});
     }
   }
 
