@@ -3,7 +3,7 @@
 // the gap.v1 API through its HTTP/JSON transcoding on the page's own origin (docs/explorer.md).
 
 import { api, ApiError, apiKey, setApiKey, bytesToBase64, base64ToBytes } from "./api.js";
-import { setColormap, drawLegend, pictureUrl, greyUrl, heatmapOverlay, camOverlay } from "./maps.js";
+import { setColormap, drawLegend, pictureUrl, greyUrl, heatmapOverlay, camOverlay, isEmpty } from "./maps.js";
 import { TreeView, formatNumber, formatShare } from "./tree.js";
 import { ImageInput, inputSize } from "./input.js";
 
@@ -189,6 +189,7 @@ async function selectModel(name) {
   const dense = (data.task || {}).kind === "dense";
   $("region-hint").hidden = !dense;
   $("region-channel").value = String((data.task || {}).channel || 0);
+  tree.setLayers((data.layers || []).map((l) => l.name));
   input.setModel(data);
   input.setRegionMode(dense);
   resetPrediction();
@@ -337,7 +338,7 @@ function resetExplanation() {
   state.detailsNode = null;
   $("figures").replaceChildren();
   $("maps").hidden = true;
-  $("decision-title").textContent = state.image ? "Explaining\u2026" : "No explanation yet";
+  $("decision-title").textContent = "No explanation yet";
   $("decision-sub").textContent = "";
   $("tree-status").textContent = "";
   $("download-json").disabled = true;
@@ -421,9 +422,14 @@ function showUrl(run, img, promise) {
   }).catch(() => {});
 }
 
+/** A root map on its figure; a map without any positive evidence says so under it. */
 function setHeat(run, img, promise) {
   img.classList.add("loading");
   showUrl(run, img, promise);
+  promise.then((url) => {
+    const caption = img.closest("figure") && img.closest("figure").querySelector("figcaption");
+    if (state.run === run && caption && isEmpty(url)) caption.append(el("span", "empty", " no positive evidence anywhere"));
+  }).catch(() => {});
 }
 
 function boxSvg(box, width, height) {
@@ -508,6 +514,7 @@ async function explain() {
   const run = { gen: state.gen, request, header: null, summary: null, controller: new AbortController(), urls: [], figures: null };
   state.run = run;
   const depth = request.options.depth;
+  $("decision-title").textContent = "Explaining\u2026";
   $("tree-status").textContent = "computing level 0\u2026";
   const model = state.model;
   const alive = () => state.run === run;
@@ -712,7 +719,7 @@ async function downloadReport() {
   const button = $("download-report");
   button.disabled = true;
   const text = button.textContent;
-  button.textContent = "Preparing the report\u2026";
+  button.textContent = "Preparing\u2026";
   try {
     const request = { ...run.request, output: { report: true, omitMaps: true } };
     const { data, ms } = await api.explain(state.model, request);

@@ -156,6 +156,13 @@ export function greyUrl(width, height) {
  * Heat in [0, 1] per pixel as an RGBA overlay: colour from the map, alpha sqrt(heat) (the page's
  * opacity slider scales it), fully transparent where heat is 0.
  */
+const EMPTY = new Set(); // overlays of maps without any positive evidence
+
+/** Whether the overlay at this URL shows no evidence at all (an all-zero map). */
+export function isEmpty(url) {
+  return EMPTY.has(url);
+}
+
 async function overlayUrl(heat, width, height) {
   const canvas = canvasOf(width, height);
   const ctx = canvas.getContext("2d");
@@ -170,7 +177,9 @@ async function overlayUrl(heat, width, height) {
     image.data[4 * i + 3] = v > 0 ? Math.round(255 * Math.sqrt(v)) : 0;
   }
   ctx.putImageData(image, 0, 0);
-  return blobUrl(canvas);
+  const url = await blobUrl(canvas);
+  if (!heat.some((v) => v > 0)) EMPTY.add(url);
+  return url;
 }
 
 /**

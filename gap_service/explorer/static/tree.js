@@ -19,6 +19,31 @@ export function shortName(name, limit = 28) {
   return name.length <= limit ? name : "\u2026" + name.slice(-(limit - 1));
 }
 
+const SEPARATORS = /[/._:-]/;
+
+/**
+ * Layer names as a card can show them: a model's exported names share long prefixes and suffixes
+ * ("/_blocks.11/_swish/Clip_output_0"), so what they share (cut at a separator) is left out of
+ * long ones ("blocks.11/_swish"); the full name is on the card's title and in the details.
+ */
+export function layerLabeller(names, limit = 20) {
+  const list = names.filter(Boolean);
+  let prefix = 0;
+  let suffix = 0;
+  if (list.length > 1) {
+    const [a, ...rest] = list;
+    while (prefix < a.length && rest.every((n) => n[prefix] === a[prefix])) prefix++;
+    while (suffix < a.length && rest.every((n) => n[n.length - 1 - suffix] === a[a.length - 1 - suffix])) suffix++;
+    while (prefix > 0 && !SEPARATORS.test(a[prefix - 1])) prefix--; // whole segments only
+    while (suffix > 0 && !SEPARATORS.test(a[a.length - suffix])) suffix--;
+  }
+  return (name) => {
+    if (!name || name.length <= limit || !list.includes(name)) return shortName(name || "", limit);
+    const middle = name.slice(prefix, name.length - suffix).replace(/^[/._:-]+|[/._:-]+$/g, "");
+    return middle ? shortName(middle, limit) : shortName(name, limit);
+  };
+}
+
 function element(tag, className, text) {
   const el = document.createElement(tag);
   if (className) el.className = className;
@@ -37,6 +62,7 @@ export class TreeView {
     this.nodes = new Map(); // key (path joined by "/") -> node
     this.pictureUrl = null;
     this.focused = null;
+    this.layerLabel = (name) => shortName(name || "", 20);
     root.addEventListener("keydown", (event) => this.onKey(event));
     root.addEventListener("focusin", (event) => {
       const node = this.nodeOf(event.target);
@@ -65,6 +91,11 @@ export class TreeView {
     this.pictureUrl = null;
     this.focused = null;
     this.root.replaceChildren();
+  }
+
+  /** The model's layer names, so that cards can show the part that tells them apart. */
+  setLayers(names) {
+    this.layerLabel = layerLabeller(names);
   }
 
   setPicture(url) {
@@ -163,7 +194,7 @@ export class TreeView {
     node.fillEl.style.width = `${Math.min(Math.max(Number(node.share || 0), 0), 1) * 100}%`;
     node.pctEl.textContent = formatShare(node.share);
     node.scoreEl.textContent = formatNumber(node.score);
-    node.layerEl.textContent = ` \u00b7 ${shortName(node.layer || "")}`;
+    node.layerEl.textContent = ` \u00b7 ${this.layerLabel(node.layer)}`;
     node.layerEl.title = node.layer || "";
     node.noteEl.textContent = node.note || "";
     node.noteEl.hidden = !node.note;
