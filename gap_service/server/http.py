@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -535,20 +536,20 @@ class Handler(BaseHTTPRequestHandler):
                 self._refuse(HttpError(500, "internal error in the HTTP gateway; see the server log", close=True))
             self.close_connection = True
 
-    def _allowed(self, allowed: tuple[str, ...]) -> None:
+    def _method_allowed(self, allowed: tuple[str, ...]) -> bool:
+        """True to go on; False when answered here: OPTIONS, 204 with Allow (no CORS: the page is same-origin)."""
         allow = ", ".join(allowed + ("OPTIONS",))
-        if self.command == "OPTIONS":  # no CORS headers: the page is same-origin
+        if self.command == "OPTIONS":
             self._discard_body()
             self._start(204, None, (("Allow", allow), ("Content-Length", "0")), close=False)
-            raise _Answered
+            return False
         if self.command not in allowed:
             raise HttpError(405, f"{printable(self.command, 16)} is not allowed here; allowed: {allow}",
                             close=self.command not in ("GET", "HEAD"), headers=(("Allow", allow),))
+        return True
 
     def _static(self, path: str) -> None:
-        try:
-            self._allowed(("GET", "HEAD"))
-        except _Answered:
+        if not self._method_allowed(("GET", "HEAD")):
             return
         self._discard_body()
         if path == "/colormap.json":
@@ -572,9 +573,7 @@ class Handler(BaseHTTPRequestHandler):
         if not matching:
             raise HttpError(404, f"no route for {printable(path, 256)}: the API is under /v1/ (docs/service.md), "
                                  "the explorer page at /")
-        try:
-            self._allowed(tuple(dict.fromkeys(route.method for route, _ in matching)))
-        except _Answered:
+        if not self._method_allowed(tuple(dict.fromkeys(route.method for route, _ in matching))):
             return
         route, values = next((route, values) for route, values in matching if route.method == self.command)
         self._rpc = route.rpc
@@ -636,61 +635,52 @@ class Handler(BaseHTTPRequestHandler):
         with OnDisconnect(self.connection, future.cancel) as watch:
             try:
                 response = future.result()
-            except grpc.FutureCancelledError:
-                response = None
-            except grpc.RpcError as error:
-                if not watch.gone:
+            except (grpc.RpcError, grpc.FutureCancelledError) as error:
+                if watch.gone:
+                    self._gone()
+                else:
                     self._fail(error)
-                response = None
-        if watch.gone:
-            self._status, self.close_connection = 499, True
-        elif response is not None:
-            self._respond(200, dumps(to_json(response)), headers=(("Cache-Control", "no-store"),))
+                return
+        self._respond(200, dumps(to_json(response)), headers=(("Cache-Control", "no-store"),))
 
     def _stream(self, route: Route, request: Message, timeout: float, metadata: tuple[tuple[str, str], ...]) -> None:
-        """NDJSON, one ``{"result": ...}`` line per message, flushed as each arrives; an error before the
+        """NDJSON, one ``{"result": ...}`` line per message, sent as each arrives; an error before the
         first message is an ordinary error answer, one after it a last ``{"error": ...}`` line."""
         call = self.gateway.streaming(route)(request, timeout=timeout, metadata=metadata)
+        messages: Iterator[Message] = iter(call)
         chunked = self.request_version == "HTTP/1.1"
         with OnDisconnect(self.connection, call.cancel) as watch:
             try:
-                messages: Iterator[Message] = iter(call)
                 first = next(messages, None)
             except grpc.RpcError as error:
-                if not watch.gone:
+                if watch.gone:
+                    self._gone()
+                else:
                     self._fail(error)
-                first = None
-                messages = iter(())
-            if watch.gone:
-                self._status, self.close_connection = 499, True
-                return
-            if self._status:  # failed before the first message
                 return
             headers = (("Cache-Control", "no-store"), ("X-Accel-Buffering", "no"))
             self._start(200, NDJSON, headers + ((("Transfer-Encoding", "chunked"),) if chunked else ()), close=not chunked)
             try:
-                if first is not None:
-                    self._line({"result": to_json(first)}, chunked)
-                    try:
-                        for message in messages:
-                            self._line({"result": to_json(message)}, chunked)
-                    except grpc.RpcError as error:
-                        if watch.gone:
-                            raise ConnectionResetError("the client went away") from None
-                        self._line({"error": _call_status(error)[1]}, chunked)
+                try:
+                    for message in itertools.chain(() if first is None else (first,), messages):
+                        self._line({"result": to_json(message)}, chunked)
+                except grpc.RpcError as error:
+                    if watch.gone:
+                        raise ConnectionResetError("the client went away") from None
+                    self._line({"error": _call_status(error)[1]}, chunked)
                 if chunked:
                     self.wfile.write(b"0\r\n\r\n")
             except OSError:  # the client went away mid-stream
                 call.cancel()
-                self._status, self.close_connection = 499, True
+                self._gone()
+
+    def _gone(self) -> None:
+        """The client left before its answer: nothing to send (logged as 499, nginx's code for it)."""
+        self._status, self.close_connection = 499, True
 
     def _line(self, value: Any, chunked: bool) -> None:
         data = dumps(value) + b"\n"
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-
-
-class _Answered(Exception):
-    """OPTIONS was answered: nothing more to do for this request."""
 
 
 class _Server(ThreadingHTTPServer):
