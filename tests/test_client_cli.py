@@ -61,3 +61,36 @@ def test_client_errors_are_reported(server, tmp_path):
     np.save(array, sample_tensor())
     result = cli("client", "explain", "--server", server.address, MODEL, str(array), "--top-k", "0", check=False)
     assert result.returncode == 1 and "INVALID_ARGUMENT" in result.stderr and "options.top_k" in result.stderr
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_explain_of_several_inputs_writes_one_report_each(server, tmp_path, stream):
+    """A folder and a file, --batch 2 per request: each tree the engine's; a bad input is reported by
+    its path, and the rest of its request is sent again."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tensors = {name: sample_tensor(seed) for seed, name in enumerate(["a", "b", "c"])}
+    for name, tensor in tensors.items():
+        np.save(folder / f"{name}.npy", tensor)
+    np.save(folder / "bad.npy", np.zeros((1, 3, 48, 100), np.float32))
+    extra = tmp_path / "line.png"
+    extra.write_bytes(sample_png())
+    args = ["client", "explain", "--server", server.address, MODEL, str(folder), str(extra), "--depth", "2",
+            "--top-k", "3", "--batch", "2", "--json", str(tmp_path / "json")] + (["--stream"] if stream else [])
+    result = cli(*args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines()[:4]] == [
+        str(folder / "a.npy"), str(folder / "b.npy"), str(folder / "c.npy"), str(extra)]
+    assert f"{folder / 'bad.npy'}: error: input.tensor.shape" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "json").iterdir()) == ["a.json", "b.json", "c.json", "line.json"]
+    explainer = load_repository(BUNDLED_REPOSITORY)[MODEL].explainer()
+    for name, tensor in tensors.items():
+        tree = json.loads((tmp_path / "json" / f"{name}.json").read_text())
+        assert tree["nodes"] == explainer.explain(tensor, depth=2, top_k=3).to_dict()["nodes"]
+
+
+def test_client_predict_of_several_inputs(server, tmp_path):
+    for seed in range(3):
+        np.save(tmp_path / f"x{seed}.npy", sample_tensor(seed))
+    lines = cli("client", "predict", "--server", server.address, MODEL, str(tmp_path), "--top-k", "1").stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(tmp_path / f"x{seed}.npy") for seed in range(3)]

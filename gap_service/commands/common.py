@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -127,18 +130,21 @@ def load_array(path_text: str, flag: str) -> np.ndarray:
         raise invalid(flag, f"cannot read {path} as a .npy array: {exc}") from exc
 
 
-def print_summary(explanation, elapsed: float, source: str = "", channels: ChannelLookup | None = None) -> None:
-    """The decision and its first-level evidence, one line each; with the atlas's ``channels``, where
-    each level-1 channel's top patches are, so a reader can see what the channel responds to."""
+def decision_text(explanation) -> str:
+    """The explained decision in a few words: "class 3 '270': logit 4.1234, p=0.981"."""
     probability = f", p={explanation.probability:.3f}" if explanation.probability is not None else ""
-    where = f" from {source}" if source else ""
     explained = explanation.explained
     if explained is None or explained.kind == "class":
         label = f" '{explanation.label}'" if explanation.label is not None else ""
-        decision = f"class {explanation.target}{label}: logit {explanation.logit:.4f}"
-    else:
-        decision = f"{explained.describe(explanation.label)}: score {explanation.logit:.4f}"
-    print(f"{decision}{probability}; {len(explanation.nodes)} nodes in {elapsed:.2f} s{where}")
+        return f"class {explanation.target}{label}: logit {explanation.logit:.4f}{probability}"
+    return f"{explained.describe(explanation.label)}: score {explanation.logit:.4f}{probability}"
+
+
+def print_summary(explanation, elapsed: float, source: str = "", channels: ChannelLookup | None = None) -> None:
+    """The decision and its first-level evidence, one line each; with the atlas's ``channels``, where
+    each level-1 channel's top patches are, so a reader can see what the channel responds to."""
+    where = f" from {source}" if source else ""
+    print(f"{decision_text(explanation)}; {len(explanation.nodes)} nodes in {elapsed:.2f} s{where}")
     for node in explanation.level(1):
         print(f"  {node.layer} channel {node.channel}: score {node.score:.4g}, share {node.share:.1%}")
         entry = channels(node.layer, node.channel) if channels is not None else None
@@ -180,3 +186,104 @@ def input_shapes(args: argparse.Namespace, input_names: list[str]) -> dict[str, 
         name, shape = parse_shape(text)
         shapes[name or input_names[0]] = shape
     return shapes
+
+
+# -- several inputs -------------------------------------------------------------------------------
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".npy")  # what a folder INPUT contributes
+DEFAULT_CHUNK = 8  # inputs per engine call or request (a model's default dynamic_batching.max_batch_size)
+OUTPUT_FLAGS = (("--json", "json_out", ".json"), ("--html", "html_out", ".html"), ("--png", "png_out", ".png"))
+Item = TypeVar("Item")
+
+
+def add_inputs_argument(parser: argparse.ArgumentParser) -> None:
+    """INPUT [INPUT ...]: files, and folders of them; --batch: how many go together."""
+    parser.add_argument("input", nargs="+", metavar="INPUT",
+                        help="an image (PNG/JPEG/...) or a preprocessed .npy tensor; several, or folders of them (a "
+                             "folder's images and .npy files, sorted by name): then --json/--html/--png name folders, "
+                             "with one file per input named after it")
+    parser.add_argument("--batch", type=int, default=DEFAULT_CHUNK, metavar="N",
+                        help=f"with several inputs, how many are explained together (default {DEFAULT_CHUNK})")
+
+
+def input_paths(texts: Sequence[str]) -> tuple[list[Path], bool]:
+    """The files the INPUT arguments name, and whether they are several (more than one argument, or a
+    folder: its images and .npy tensors, sorted by name). A file is taken as named (checked when read)."""
+    paths: list[Path] = []
+    several = len(texts) > 1
+    for text in texts:
+        path = Path(text)
+        if path.is_dir():
+            several = True
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+            if not found:
+                raise invalid("input", f"folder {path} has no images ({', '.join(INPUT_SUFFIXES[:-1])}) or .npy tensors")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths, several
+
+
+def chunks(items: Sequence[Item], size: int) -> Iterator[list[Item]]:
+    if size < 1:
+        raise invalid("--batch", f"{size} must be at least 1")
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """One output name per input, after it: its stem (``cat`` for cat.png); ``cat_png``, ``cat_jpg``
+    where stems collide; with a ``_<position>`` where even those do (same names in other folders)."""
+    stems = Counter(p.stem for p in paths)
+    names = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths]
+    counts = Counter(names)
+    return [name if counts[name] == 1 else f"{name}_{index}" for index, name in enumerate(names)]
+
+
+def prepare_output_dirs(args: argparse.Namespace) -> list[Path]:
+    """With several inputs, --json/--html/--png name folders (made when missing): one file per input."""
+    folders = []
+    for flag, attribute, _ in OUTPUT_FLAGS:
+        value = getattr(args, attribute)
+        if value:
+            folder = Path(value)
+            if folder.exists() and not folder.is_dir():
+                raise invalid(flag, f"{folder} is a file: with several inputs, give a folder (one file per input)")
+            folder.mkdir(parents=True, exist_ok=True)
+            folders.append(folder)
+    return folders
+
+
+def write_named_outputs(explanation, args: argparse.Namespace, name: str, atlas: Atlas | None = None) -> None:
+    """The JSON/HTML/PNG files of one of several inputs: ``name`` + the suffix in each asked-for folder."""
+    paths = {attribute: Path(getattr(args, attribute)) / f"{name}{suffix}"
+             for _, attribute, suffix in OUTPUT_FLAGS if getattr(args, attribute)}
+    if not paths:
+        return
+    from ..report import write_report
+
+    write_report(explanation, html_path=paths.get("html_out"), png_path=paths.get("png_out"),
+                 json_path=paths.get("json_out"), atlas=atlas)
+
+
+def summary_line(path: Path, explanation) -> str:
+    """One input's line among several: where from, the decision, the tree's size."""
+    return f"{path}: {decision_text(explanation)}; {len(explanation.nodes)} nodes"
+
+
+def progress_bar(total: int, description: str):
+    """A progress bar over inputs on stderr (tqdm); ``bar.write`` prints a line above it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="input", file=sys.stderr, dynamic_ncols=True)
+
+
+def print_batch_end(bar, done: int, failures: Sequence[tuple[Path, str]], elapsed: float, folders: Sequence[Path]) -> int:
+    """Close the bar; the count, the failures (on stderr) and the output folders; 0, or 2 if any input failed."""
+    bar.close()
+    total = done + len(failures)
+    print(f"{done} of {total} input(s) explained in {elapsed:.2f} s ({done / elapsed if elapsed > 0 else 0:.2f}/s)")
+    for folder in folders:
+        print(f"wrote {done} file(s) to {folder}")
+    for path, message in failures:
+        print(f"{path}: error: {message}", file=sys.stderr)
+    return 2 if failures else 0

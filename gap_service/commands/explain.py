@@ -1,4 +1,11 @@
-"""``gap-service explain MODEL INPUT``: explain one image (or a preprocessed .npy tensor)."""
+"""``gap-service explain MODEL INPUT [INPUT ...]``: explain images (or preprocessed .npy tensors).
+
+One input: its summary and report files, with each level reported as it is computed. Several (or a
+folder of them): explained in chunks of ``--batch`` together (``Explainer.run``, the machinery of
+``Explainer.explain_many``: one stacked forward run and one stacked run per level pair for the
+chunk), a progress bar on stderr, one summary line per input, one report file per input in the
+folders --json/--html/--png name; an input that fails is reported and the others go on (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from ..atlas import Atlas, AtlasNotFoundError, ChannelEntry
-from ..errors import invalid
-from ..explainer import Explainer
+from ..errors import GapError, invalid
+from ..explainer import Explainer, ExplainJob
 from ..explanation import Explanation, Node
 from ..preprocess import Preprocessing, decode_image, load_preprocessing, preprocess
 from ..repository import BUNDLED_REPOSITORY, ModelConfig
-from .common import (ChannelLookup, add_explain_options, add_input_shape, explain_options, input_shapes, print_summary,
-                     write_outputs)
+from .common import (ChannelLookup, add_explain_options, add_input_shape, add_inputs_argument, chunks, explain_options,
+                     input_paths, input_shapes, output_names, prepare_output_dirs, print_batch_end, print_summary,
+                     progress_bar, summary_line, write_named_outputs, write_outputs)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("explain", help="decompose a model's decision on one input into a tree of evidence")
-    add_model_arguments(parser)
+    parser = subparsers.add_parser("explain", help="decompose a model's decision on inputs into trees of evidence")
+    add_model_arguments(parser, several=True)
     add_explain_options(parser)
     parser.add_argument("--max-batch-mb", type=int, help="memory bound of one batched gradient run (default: 256 on CPU, 4096 on CUDA)")
     parser.add_argument("--atlas", metavar="DIR", help="the model's channel atlas, whose patches the report shows per node "
@@ -30,9 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """MODEL and INPUT (with ``several``: INPUT [INPUT ...] and --batch), the input shape and preprocessing flags."""
     parser.add_argument("model", help="an ONNX file, or the name of a model in the bundled repository")
-    parser.add_argument("input", help="an image (PNG/JPEG/...) or a preprocessed .npy tensor")
+    if several:
+        add_inputs_argument(parser)
+    else:
+        parser.add_argument("input", help="an image (PNG/JPEG/...) or a preprocessed .npy tensor")
     add_input_shape(parser)
     group = parser.add_argument_group("preprocessing (default: the model's config.json when it has one)")
     group.add_argument("--preprocessing", help="JSON file with a 'preprocessing' object (or a model config.json)")
@@ -77,9 +89,10 @@ def preprocessing_from_args(args: argparse.Namespace, config: ModelConfig | None
     return merged
 
 
-def load_input(args: argparse.Namespace, config: ModelConfig | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(model input tensor, display picture or None)."""
-    path = Path(args.input)
+def load_input(args: argparse.Namespace, config: ModelConfig | None,
+               path: Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(model input tensor, display picture or None) of ``path`` (default: the INPUT argument)."""
+    path = Path(args.input) if path is None else path
     if not path.is_file():
         raise invalid("input", f"file not found: {path}")
     if path.suffix == ".npy":
@@ -136,6 +149,10 @@ def covered(atlas: Atlas) -> ChannelLookup:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs, several = input_paths(args.input)
+    if several:
+        return run_several(args, inputs)
+    args.input = str(inputs[0])
     path, config = resolve_model(args)
     tensor, picture = load_input(args, config)
     explainer = build_explainer(args, path, config, tensor)
@@ -150,3 +167,48 @@ def run(args: argparse.Namespace) -> int:
         print(f"no channel patches: {missing}")
     write_outputs(explanation, args, atlas)
     return 0
+
+
+def run_several(args: argparse.Namespace, inputs: list[Path]) -> int:
+    """Explain ``inputs`` in chunks of ``--batch`` (one engine call each); see the module docstring."""
+    path, config = resolve_model(args)
+    options = replace(explain_options(args), max_batch_bytes=args.max_batch_mb * 2**20 if args.max_batch_mb else None)
+    options.validate()  # a bad option fails at once, not once per input
+    batches = list(chunks(list(zip(inputs, output_names(inputs))), args.batch))
+    folders = prepare_output_dirs(args)
+    explainer: Explainer | None = None
+    atlas = None
+    failures: list[tuple[Path, str]] = []
+    done = 0
+    print(f"explaining {len(inputs)} inputs with {path}, depth {options.depth}, top_k {options.top_k}, "
+          f"{args.batch} at a time", file=sys.stderr)
+    bar = progress_bar(len(inputs), "explaining")
+    started = time.perf_counter()
+    for batch in batches:
+        loaded = []
+        for item, name in batch:
+            try:
+                tensor, picture = load_input(args, config, item)
+            except GapError as exc:
+                failures.append((item, exc.message))
+                bar.update(1)
+                continue
+            if explainer is None:  # the model at the first input's shape, as for one input
+                explainer = build_explainer(args, path, config, tensor)
+                atlas, _ = model_atlas(explainer, explicit=args.atlas is not None)
+            loaded.append((item, name, ExplainJob(tensor, options, picture=picture)))
+        if not loaded:
+            continue
+        results = explainer.run([job for _, _, job in loaded])  # type: ignore[union-attr]
+        for (item, name, _), result in zip(loaded, results):
+            if isinstance(result, GapError):
+                failures.append((item, result.message))
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                done += 1
+                bar.write(summary_line(item, result), file=sys.stdout)
+                write_named_outputs(result, args, name, atlas)
+        bar.update(len(loaded))
+    return print_batch_end(bar, done, failures, time.perf_counter() - started, folders)
+
