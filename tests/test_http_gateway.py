@@ -445,7 +445,7 @@ def test_static_files_from_a_folder_with_links_out(server, tmp_path):
 
 
 # -- the report ----------------------------------------------------------------------------------------------
-def test_report_html_is_the_cli_report_with_the_atlas_patches(port, stub):
+def test_report_html_is_the_cli_report_with_the_atlas_patches(server, port, stub):
     from gap_service.atlas import load_atlas
     from gap_service.methods import CAM_METHODS
     from gap_service.report import render_html
@@ -471,6 +471,7 @@ def test_report_html_is_the_cli_report_with_the_atlas_patches(port, stub):
     stream = list(stub.ExplainStream(S.ExplainStreamRequest(request=explain_request(OCR, image=png(200, 60), depth=1, top_k=2,
                                                                                     report=True))))
     assert stream[-1].summary.node_count == 3, "ExplainStream ignores the option"
+    assert 'gap_running{pool="report"} 0.0' in server.metrics_text(), "reports take slots of their own pool"
 
 
 # -- API keys, TLS and mTLS --------------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ class GapServicer:
         self._batchers: BuildOnce[Explainer, Batcher] = BuildOnce()  # one per served model
         self.predictions = Admission("predictions", limits.max_concurrent_predict, limits.max_queue_predict,
                                      metrics.pool_changed("predict"))
+        # HTML reports (a thumbnail per node: seconds of CPU each) are rendered as many at a time as explanations run.
+        self.reports = Admission("reports", limits.max_concurrent, limits.max_queue, metrics.pool_changed("report"))
 
     # -- description ----------------------------------------------------------------------------
     def ListModels(self, request: S.ListModelsRequest, context: grpc.ServicerContext, record: CallRecord) -> S.ListModelsResponse:
@@ -155,8 +157,9 @@ class GapServicer:
         result = self._explain(call, context, ExplainJob(call.inputs[0], call.options, on_level=self._counter(call),
                                                          should_stop=lambda: not context.is_active()))
         response = S.ExplainResponse(explanation=self._observed("Explain", call, result), engine_seconds=result.engine_seconds)
-        if call.output.report:  # rendered outside the slot: it is encoding, not model work
-            response.report_html = messages.report_html(result, atlas, self.max_response_bytes - response.ByteSize() - 16)
+        if call.output.report:
+            with self._slot(self.reports, context):
+                response.report_html = messages.report_html(result, atlas, self.max_response_bytes - response.ByteSize() - 16)
         return response
 
     def _explain_several(self, call: ExplainCall, context: grpc.ServicerContext) -> S.ExplainResponse:
