@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -368,6 +369,16 @@ def test_the_tree_is_navigated_with_the_keyboard(page, server, shots: Path) -> N
     page.keyboard.press("Enter")  # level 3 in a depth-5 chain: decomposed again
     expect(tree_items(page, 4)).to_have_count(TOP_K)
     page.screenshot(path=str(shots / "explorer-keyboard.png"))
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("Enter")  # level 4: its children are channels of the chain's last layer
+    expect(tree_items(page, 5)).to_have_count(TOP_K)
+    page.keyboard.press("ArrowRight")
+    deepest = tree_items(page, 5).first
+    expect(deepest).to_be_focused()
+    page.keyboard.press("Enter")  # nothing below the last layer: said, not asked
+    expect(deepest.locator(":scope > .row .note")).to_have_text("the deepest layer of the chain")
+    expect(deepest).not_to_have_attribute("aria-expanded", re.compile(".*"))
+    assert len(page.watch.calls_to(":expand")) == 3
     # The options: another top k re-explains the same decision.
     page.locator("#top-k").fill("2")
     page.keyboard.press("Tab")

@@ -570,6 +570,14 @@ function onSummary(run, summary, depth) {
 async function expandNode(node) {
   const run = state.run;
   if (!run || !run.summary) return;
+  // A class's chain is the model's candidate layers (GetModel): a node of the last one has nothing
+  // below it, and asking would only be refused. Other targets find their own chain: the server says.
+  const kind = ((run.header || {}).explained || {}).kind || "class";
+  const chain = ((state.info || {}).layers || []).length;
+  if (kind === "class" && !(run.request.options.layers || []).length && chain && node.level >= chain) {
+    tree.loaded(node, "the deepest layer of the chain");
+    return;
+  }
   const request = { ...run.request, options: { ...run.request.options, depth: 1 } };
   let result;
   try {
