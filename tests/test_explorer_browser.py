@@ -404,9 +404,19 @@ def test_a_file_that_is_not_an_image_shows_the_servers_message(page, server, tmp
     page.screenshot(path=str(shots / "explorer-error.png"))
     page.locator("#error-close").click()
     expect(error).to_be_hidden()
-    # A photo afterwards works as usual.
-    upload(page, CHELSEA)
+    # A photo afterwards works as usual, dropped on the image box this time.
+    transfer = page.evaluate_handle("""([data, name]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "image/png" }));
+        return transfer;
+    }""", [base64.b64encode(CHELSEA.read_bytes()).decode(), CHELSEA.name])
+    page.dispatch_event("#drop", "dragover", {"dataTransfer": transfer})
+    expect(page.locator("#drop")).to_have_class(re.compile(r"\bover\b"))
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
     wait_for_tree(page)
+    expect(page.locator("#image-name")).to_have_text("chelsea.png")
+    expect(page.locator("#classes .name").first).to_have_text("tiger cat")
     expect(error).to_be_hidden()
     page.watch.check(expected_http=((400, ":predict"),))
 

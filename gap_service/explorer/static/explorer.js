@@ -399,7 +399,7 @@ function explainedBox(header) {
   return box;
 }
 
-function figure(title, caption, code) {
+function figure(title, caption, code, shown) {
   const fig = el("figure");
   const stack = el("div", "stack");
   const pic = el("img", "pic");
@@ -409,7 +409,11 @@ function figure(title, caption, code) {
   stack.append(pic, heat);
   const cap = el("figcaption");
   cap.append(el("b", "", title), document.createTextNode(` \u00b7 ${caption}`));
-  if (code) cap.append(document.createTextNode(" "), el("code", "", code));
+  if (code) {
+    const c = el("code", "", shown || code);
+    c.title = code;
+    cap.append(document.createTextNode(" "), c);
+  }
   fig.append(stack, cap);
   fig.dataset.title = title;
   $("figures").append(fig);
@@ -466,7 +470,7 @@ function onHeader(run, header) {
   const layers = header.layers || [];
   run.figures = {
     input: figure("Input", "what the model saw"),
-    gap: figure("gAP", "decision evidence at", layers[0] || ""),
+    gap: figure("gAP", "decision evidence at", layers[0] || "", tree.layerLabel(layers[0] || "")),
   };
   const box = explainedBox(header);
   if (box) run.figures.input.stack.append(boxSvg(box, w, h));
