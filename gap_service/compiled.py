@@ -26,13 +26,35 @@ from .cache import BuildOnce
 from .errors import InvalidInputError, InvalidModelError
 from .graph.cone import Cone, find_cone
 from .graph.gradient import SEED, VJP, vjp_model
-from .graph.layers import (Decision, LayerInfo, branch_layers, candidate_layers, channel_axes, feature_maps, find_decision,
-                           layer_info, require_layers, seeded_layer)
+from .graph.layers import (
+    Decision,
+    LayerInfo,
+    branch_layers,
+    candidate_layers,
+    channel_axes,
+    feature_maps,
+    find_decision,
+    layer_info,
+    require_layers,
+    seeded_layer,
+)
 from .graph.loader import NormalizedModel
 from .graph.segment import MASK, segment_model
 from .graph.stack import stack, stacked_name
-from .levels import (CHANNELS, CHILD_SEEDS, MAPS, ROWS, SCORES_NET, SCORES_POSITIVE, Placement, level_model,
-                     placement_for, run_bound, selection_session, to_float16)
+from .levels import (
+    CHANNELS,
+    CHILD_SEEDS,
+    MAPS,
+    ROWS,
+    SCORES_NET,
+    SCORES_POSITIVE,
+    Placement,
+    level_model,
+    placement_for,
+    run_bound,
+    selection_session,
+    to_float16,
+)
 from .runtime import RuntimeConfig
 from .state_cache import model_token
 from .targets import Task, class_support, detect_layout

@@ -37,7 +37,8 @@ from PIL import Image
 from gap_service.client import GapClient, explain_request
 from gap_service.colors import TURBO, colormap
 from gap_service.server import http as gateway_module
-from gap_service.server.http import HttpGateway, Route, parse_template, request_message, routes
+from gap_service.server.http import HttpGateway
+from gap_service.server.transcoding import Route, parse_template, request_message, routes
 from gap_service.server.process import ServerProcess
 from gap_service.wire import pb
 

@@ -17,9 +17,9 @@ import pytest
 
 from gap_service import Explainer
 from gap_service.inputs import EncodedImage
+from gap_service.options import DetectionTarget
 from gap_service.repository import BUNDLED_REPOSITORY, load_repository
 from gap_service.state_cache import StateCache, feeds_digest, nbytes
-from gap_service.options import DetectionTarget
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
