@@ -322,6 +322,17 @@ def test_a_photo_is_predicted_explained_and_expanded(page, server, shots: Path) 
 
     parsed = json_format.ParseDict(explanation, pb.explanation.Explanation())  # the gap.v1 JSON mapping
     assert len(parsed.nodes) == FIRST_LEVELS and parsed.nodes[5].parent == 1
+    made = json_format.ParseDict(tree["request"], pb.service.ExplainRequest())
+    assert made.options.target.class_index == 285 and made.options.top_k == TOP_K and not made.HasField("input")
+    assert tree["image"] == {"name": CHELSEA.name, "bytes": CHELSEA.stat().st_size}
+    # Nothing opened by hand in this tree: it is the tree Explain computes for the same request.
+    _, full = api_json(server, "/v1/models/efficientnet_lite0:explain",
+                       {**tree["request"], "input": {"image": base64.b64encode(CHELSEA.read_bytes()).decode()},
+                        "output": {"omitMaps": True}})
+    def shape(nodes):
+        return [(n.get("parent"), n["level"], n["layer"], n["channel"], n["path"], n["children"]) for n in nodes]
+    assert shape(explanation["nodes"]) == shape(full["explanation"]["nodes"])
+    assert [n["score"] for n in explanation["nodes"]] == pytest.approx([n["score"] for n in full["explanation"]["nodes"]])
     with page.expect_download() as download:
         page.locator("#download-report").click()
     assert download.value.suggested_filename.endswith(".html")

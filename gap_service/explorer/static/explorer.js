@@ -713,10 +713,12 @@ function assembledJson() {
   delete explanation.picture;
   if (run.summary && run.summary.probability !== undefined) explanation.probability = run.summary.probability;
   explanation.nodes = tree.toNodes();
-  const request = { ...run.request, input: { image: `<${state.image.bytes.length} bytes: ${state.image.name}>` } };
+  const request = { ...run.request };
+  delete request.input; // the image itself stays out: its name and size are beside
   return {
     explanation, // a gap.v1 Explanation in the JSON mapping, without maps
-    request,
+    request, // the ExplainRequest that made the tree (Expand: the same, with options.depth 1 and a path)
+    image: { name: state.image.name, bytes: state.image.bytes.length },
     notDecomposed: tree.pending(), // paths of the nodes whose children were never asked for
     engineSeconds: run.summary ? run.summary.engineSeconds : undefined,
   };
