@@ -482,6 +482,12 @@ def test_a_detectors_boxes_are_drawn_and_explained(page, server, shots: Path) ->
         expect(page.locator("#details .atlas")).to_contain_text("no atlas")
     assert len(page.watch.calls_to("/channel")) == len(asked)  # a layer without an atlas is asked once
     page.screenshot(path=str(shots / "explorer-detector.png"))
+    # Another model for the same image: predicted and explained again, boxes gone.
+    page.locator("#model").select_option("efficientnet_lite0")
+    expect(page.locator("#decision-title")).to_have_text("Evidence for \u201ctiger cat\u201d (class 282)")
+    wait_for_tree(page)
+    expect(page.locator("#preview-boxes rect")).to_have_count(0)
+    expect(page.locator("#detections button")).to_have_count(0)
     page.watch.check(expected_http=((404, "/channel?"),))
 
 

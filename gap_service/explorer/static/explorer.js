@@ -244,14 +244,17 @@ async function predict() {
   // Explain the obvious decision at once: the top class, the best box, a dense map's channel.
   const kind = (state.info.task || {}).kind;
   const detections = data.detections || [];
+  let target = null;
   if (kind === "detection" || detections.length) {
-    if (detections.length) await explainTarget({ detection: { index: 0 } });
-    else $("predict-empty").textContent = "No detections above the model's score threshold: nothing to explain.";
+    if (!detections.length) {
+      $("predict-empty").textContent = "No detections above the model's score threshold: nothing to explain.";
+      return;
+    }
+    target = { detection: { index: 0 } };
   } else if ((data.classes || []).length) {
-    await explainTarget({ classIndex: Number(data.classes[0].index || 0) });
-  } else {
-    await explainTarget(null);
+    target = { classIndex: Number(data.classes[0].index || 0) };
   }
+  await explainTarget(target).catch((error) => showError(error, "Explain"));
 }
 
 function renderPrediction() {
