@@ -236,7 +236,9 @@ class Explainer:
         seconds = time.perf_counter() - started
         logits = values[decision.logits]
         probabilities = values[decision.probabilities] if decision.probabilities else None
-        classes = top_classes(logits, probabilities, self.labels, top_k) if decisions.is_class_vector(logits.shape) else []
+        # A detector's score output may look like a class vector ([1, anchors, 1]): its boxes are the answer.
+        classes = top_classes(logits, probabilities, self.labels, top_k) \
+            if layout is None and decisions.is_class_vector(logits.shape) else []
         return Prediction(logits, classes, seconds, [self._labelled(d) for d in found])
 
     def detections(self, inputs: Inputs) -> list[DetectedBox]:

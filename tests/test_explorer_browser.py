@@ -107,8 +107,6 @@ class Watch:
         self.problems: list[str] = []
         self.http_errors: list[tuple[int, str]] = []
         self.calls: list[tuple[str, str, dict | None]] = []
-        self.no_store_streams: list = []  # ExplainStream answers sent with Cache-Control: no-store
-        self.tolerated: list[str] = []
         page.on("console", self._console)
         page.on("pageerror", lambda error: self.problems.append(f"uncaught: {error}"))
         page.on("requestfailed", self._failed)
@@ -116,14 +114,6 @@ class Watch:
         page.on("request", self._request)
 
     def _failed(self, request) -> None:
-        # Chromium reports a streamed answer carrying Cache-Control: no-store that the page reads to
-        # its end through a ReadableStream reader as net::ERR_ABORTED (DevTools: "canceled"), though
-        # every byte arrived (the tree, the summary and the round trip say so); without no-store, or
-        # with no-cache or private, it reports it finished. The tests never leave a stream before
-        # its summary, so for such a stream this is that artefact, not a failed request.
-        if request.failure == "net::ERR_ABORTED" and any(r is request for r in self.no_store_streams):
-            self.tolerated.append(request.url)
-            return
         self.problems.append(f"request failed: {request.url} {request.failure}")
 
     def _console(self, message) -> None:
@@ -133,8 +123,6 @@ class Watch:
     def _response(self, response) -> None:
         if response.status >= 400:
             self.http_errors.append((response.status, response.url))
-        if response.url.endswith(":explainStream") and "no-store" in response.headers.get("cache-control", ""):
-            self.no_store_streams.append(response.request)
 
     def _request(self, request) -> None:
         path = request.url.split("://", 1)[-1].split("/", 1)[-1]

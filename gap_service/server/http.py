@@ -407,7 +407,8 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self._fail(error)
                 return
-            headers = (("Cache-Control", "no-store"), ("X-Accel-Buffering", "no"))
+            # no-cache, not no-store: Chromium reports a no-store stream read to its end as aborted.
+            headers = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
             self._start(200, NDJSON, headers + ((("Transfer-Encoding", "chunked"),) if chunked else ()), close=not chunked)
             try:
                 try:
