@@ -99,7 +99,8 @@ class GapServicer:
         if status.model is None:  # unavailable: its state and reason
             return S.GetModelResponse(model=self._summary(status), limits=self._limits())
         model = status.model
-        return messages.description_proto(model.description, self._summary(status), self._limits(), model.load_seconds)
+        return messages.description_proto(model.description, self._summary(status), self._limits(), model.load_seconds,
+                                          model.explainer.atlas_layers())
 
     def _summary(self, status: ModelStatus) -> M.ModelSummary:
         description = status.model.description if status.model else None
@@ -135,7 +136,7 @@ class GapServicer:
             raise CancelledError("prediction cancelled by the caller")
         try:
             return model.explainer.predict(inputs, top_k)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised, naming its input
             raise_for_input(exc, index)
 
     def _fitting(self, response, what: str):
