@@ -218,6 +218,17 @@ class Explainer:
                         raise
             return self._atlas
 
+    def atlas_layers(self) -> tuple[str, ...]:
+        """The layers the model's atlas covers; none without an atlas, or with one of another model
+        file (GetChannel says why)."""
+        from .atlas import AtlasMismatchError
+
+        try:
+            atlas = self.atlas()
+        except AtlasMismatchError:
+            return ()
+        return tuple(atlas.layers) if atlas is not None else ()
+
     # -- predictions and explanations ---------------------------------------------------------------
     def predict(self, inputs: Inputs, top_k: int = DEFAULT_TOP_CLASSES) -> Prediction:
         """The decision's output; the ``top_k`` classes (labels and probabilities) where it is a class

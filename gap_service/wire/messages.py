@@ -376,7 +376,7 @@ def summary_proto(name: str, version: int, versions: Sequence[int], text: str, d
 
 
 def description_proto(description: ModelDescription, summary: pb.model.ModelSummary, limits: pb.model.Limits,
-                      load_seconds: float) -> pb.service.GetModelResponse:
+                      load_seconds: float, atlas_layers: Sequence[str] = ()) -> pb.service.GetModelResponse:
     default = set(description.default_layers)
     pre = description.preprocessing
     return S.GetModelResponse(
@@ -395,6 +395,7 @@ def description_proto(description: ModelDescription, summary: pb.model.ModelSumm
         limits=limits,
         load_seconds=load_seconds,
         task=task_proto(description.task),
+        atlas_layers=list(atlas_layers),
     )
 
 

@@ -654,6 +654,12 @@ function atlasSection(box, node) {
   section.append(body);
   box.append(section);
   const model = state.model;
+  const covered = (state.info && state.info.atlasLayers) || [];
+  if (!covered.includes(node.layer)) { // GetModel says which layers the atlas covers: no call for the others
+    body.textContent = covered.length ? "the model's channel atlas does not cover this layer"
+      : "this model has no channel atlas (gap-service atlas MODEL builds one)";
+    return;
+  }
   const miss = state.layerMisses.get(`${model}|${node.layer}`);
   if (miss) {
     body.textContent = miss.message;
