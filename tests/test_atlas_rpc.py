@@ -136,3 +136,8 @@ def test_the_node_client_gets_a_channel(node_client: str, server: ServerProcess,
     assert [(p["image"], tuple(p["box"]), p["activation"]) for p in out["patches"]] == [
         (p.image, p.box, p.activation) for p in local.patches]
     assert (out["sheet"], out["row"]) == (local.sheet.name, local.row) and out["strip"] > 1000
+
+
+def test_get_model_says_which_layers_the_atlas_covers(client: GapClient, layers: list[str]) -> None:
+    assert list(client.get_model(MODEL).atlas_layers) == layers
+    assert list(client.get_model(NO_ATLAS).atlas_layers) == []
