@@ -14,7 +14,7 @@ from test_server import MODEL, SERVER_ARGS, assert_same_tree, sample_png, sample
 from gap_service.client import GapClient, bad_request
 from gap_service.preprocess import decode_image, preprocess
 from gap_service.repository import BUNDLED_REPOSITORY, load_repository
-from gap_service.server.process import shared_server
+from gap_service.server.process import ServerProcess, shared_server
 from gap_service.wire import pb
 
 pytestmark = pytest.mark.timeout(300)
@@ -151,6 +151,15 @@ def test_too_many_inputs_are_refused(client):
         error = rpc_error(call)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 64" in error.details()
         assert fields(error) in (["inputs"], ["request.inputs"])
+
+
+def test_the_limit_is_a_server_flag():
+    with ServerProcess(["--model", MODEL, "--max-batch-inputs", "2", "--no-warmup"]) as small, \
+            GapClient(small.address, timeout=120) as client:
+        assert client.get_model(MODEL).limits.max_batch_inputs == 2
+        assert len(client.explain_many(MODEL, [sample_tensor(0)] * 2, depth=1)) == 2
+        error = rpc_error(lambda: client.explain_many(MODEL, [sample_tensor(0)] * 3, depth=1))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 2" in error.details()
 
 
 def test_a_batch_whose_worst_case_response_does_not_fit_is_refused_before_the_work(client, server):

@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="explanations computed at once (default: 4 on GPU, cores/4 on CPU, at least 1)")
     limits.add_argument("--max-queue", type=int, default=64, metavar="N",
                         help="explanations waiting for a slot; beyond that RESOURCE_EXHAUSTED (default: 64)")
+    limits.add_argument("--max-batch-inputs", type=int, default=64, metavar="N",
+                        help="inputs one Predict or Explain request may carry (its `inputs`; default: 64)")
     limits.add_argument("--max-tree-nodes", type=int, default=2000, metavar="N",
                         help="most nodes one explanation may produce, judged by its worst case (default: 2000)")
     limits.add_argument("--max-image-pixels", type=int, default=40_000_000, metavar="N",
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         limits=ServerLimits(
             max_request_bytes=args.max_request_bytes, max_image_pixels=args.max_image_pixels,
             max_tree_nodes=args.max_tree_nodes, max_concurrent=concurrent, max_queue=args.max_queue,
+            max_batch_inputs=args.max_batch_inputs,
         ),
         runtime=RuntimeConfig(providers=providers, threads=args.threads or threads),
         grace_seconds=args.grace_period, warmup=not args.no_warmup, strict=args.strict,
