@@ -40,7 +40,7 @@ from .graph.layers import (
 )
 from .graph.loader import NormalizedModel
 from .graph.segment import MASK, segment_model
-from .graph.stack import stack, stacked_name
+from .graph.stack import stack, stackable, stacked_name
 from .levels import (
     CHANNELS,
     CHILD_SEEDS,
@@ -68,11 +68,11 @@ MAX_STACK = 8
 T = TypeVar("T")
 
 
-def _stack_parts(items: Sequence[T]) -> list[Sequence[T]]:
-    """``items`` in runs of 8, 4, 2 and 1 (largest first)."""
+def _stack_parts(items: Sequence[T], largest: int = MAX_STACK) -> list[Sequence[T]]:
+    """``items`` in runs of ``largest``, then 4, 2 and 1 (largest first)."""
     parts, start = [], 0
     while start < len(items):
-        size = next(size for size in (MAX_STACK, 4, 2, 1) if size <= len(items) - start)
+        size = next(size for size in (largest, 4, 2, 1) if size <= min(len(items) - start, largest))
         parts.append(items[start : start + size])
         start += size
     return parts
@@ -280,7 +280,7 @@ class CompiledModel:
         placement = placement_for(session)
         taps = self._forward[0]
         results = []
-        for part in _stack_parts(list(zip(items, wanted))):
+        for part in _stack_parts(list(zip(items, wanted)), self._max_stack):
             copies = len(part)
             computed = sorted({n for (feeds, _), names in part for n in names if n not in feeds})
             if computed:
@@ -294,6 +294,12 @@ class CompiledModel:
                 results.append({n: placement.to_device(feeds[n]) if n in feeds else values[self._copy_name(n, copy, copies)]
                                 for n in names})
         return results
+
+    @functools.cached_property
+    def _max_stack(self) -> int:
+        """Copies per stacked run: one for a model with sub-graphs (If, Loop, Scan), which cannot be
+        stacked (its runs of several inputs are then one after the other)."""
+        return MAX_STACK if stackable(self.nm.model) else 1
 
     @staticmethod
     def _copy_name(name: str, copy: int, copies: int) -> str:
@@ -324,7 +330,7 @@ class CompiledModel:
         key, what = ("level", upper, lower, precision), f"{precision} level graph {lower} <- {upper}"
         outputs = [VJP, SCORES_NET, SCORES_POSITIVE]
         results = []
-        for part in _stack_parts(items):
+        for part in _stack_parts(items, self._max_stack):
             session = self._stacked_session(key, build, what, len(part))
             inputs: dict[str, ort.OrtValue | np.ndarray] = {}
             for copy, (state, seeds) in enumerate(part):

@@ -82,6 +82,11 @@ def invalid(field: str, description: str) -> InvalidInputError:
     return InvalidInputError(f"{field}: {description}", (FieldViolation(field, description),))
 
 
+def exceeded(field: str, description: str) -> ResourceLimitError:
+    """A ResourceLimitError that names the field whose size is over a limit."""
+    return ResourceLimitError(f"{field}: {description}", (FieldViolation(field, description),))
+
+
 MAX_ECHO_CHARS = 256
 
 

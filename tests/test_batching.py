@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from support.runs import count_runs
 
 from gap_service import ExplainJob
 from gap_service.errors import CancelledError, GapError
@@ -73,6 +74,13 @@ def test_copies_may_differ_in_symbolic_sizes():
     assert small.shape == (2, 3) and not small.any() and large.shape == (5, 3) and large.all()
 
 
+def test_runs_come_in_stacks_of_eight_four_two_and_one():
+    from gap_service.compiled import _stack_parts
+
+    assert [len(part) for part in _stack_parts(list(range(15)))] == [8, 4, 2, 1]
+    assert [len(part) for part in _stack_parts(list(range(3)), largest=1)] == [1, 1, 1]  # a model with sub-graphs
+
+
 def test_graphs_with_subgraphs_are_not_stacked():
     model = _small_model()
     branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "then", [],
@@ -104,18 +112,7 @@ def photos():
 @pytest.fixture
 def runs(monkeypatch):
     """Calls of the compiled model's run methods and the items each served."""
-    from gap_service.compiled import CompiledModel
-
-    counted: Counter = Counter()
-    for method in ("forward_many", "run_levels"):
-        real = getattr(CompiledModel, method)
-
-        def counting(self, *args, _real=real, _method=method, **kwargs):
-            counted[_method] += 1
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(CompiledModel, method, counting)
-    return counted
+    return count_runs(monkeypatch)
 
 
 def test_trees_together_equal_trees_alone(classifier, photos, runs):

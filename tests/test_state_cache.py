@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from support.runs import count_runs
 
 from gap_service import Explainer
 from gap_service.inputs import EncodedImage
@@ -101,18 +102,7 @@ def _same(reference, got) -> None:
 @pytest.fixture
 def runs(monkeypatch):
     """Forward and level runs of every compiled model from here on, counted (the real ones run)."""
-    from gap_service.compiled import CompiledModel
-
-    counted: Counter = Counter()
-    for method in ("forward_many", "run_levels"):
-        real = getattr(CompiledModel, method)
-
-        def counting(self, *args, _real=real, _method=method, **kwargs):
-            counted[_method] += 1
-            return _real(self, *args, **kwargs)
-
-        monkeypatch.setattr(CompiledModel, method, counting)
-    return counted
+    return count_runs(monkeypatch)
 
 
 def test_expand_after_explain_equals_uncached_and_costs_one_level_run(repository, runs):

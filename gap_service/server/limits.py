@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..colors import heatmap_bytes_bound
-from ..errors import CancelledError, FieldViolation, ResourceLimitError
+from ..errors import CancelledError, ResourceLimitError, exceeded
 from ..explainer import ModelDescription
 from ..options import ExplainOptions, RegionTarget
 from ..wire.messages import OutputOptions
@@ -46,7 +46,7 @@ class ServerLimits:
         if count > self.max_batch_inputs:
             description = (f"{count} inputs; a request may carry at most {self.max_batch_inputs} "
                            "(GetModel: limits.max_batch_inputs): split them over several requests")
-            raise ResourceLimitError(f"inputs: {description}", (FieldViolation("inputs", description),))
+            raise exceeded("inputs", description)
 
 
 def explain_response_bound(description: ModelDescription, options: ExplainOptions, output: OutputOptions,

@@ -19,12 +19,12 @@ from typing import NoReturn
 import grpc
 
 from ..cache import BuildOnce
-from ..errors import CancelledError, FieldViolation, GapError, ResourceLimitError, invalid
+from ..errors import CancelledError, FieldViolation, GapError, ResourceLimitError, exceeded, invalid
 from ..explainer import Explainer, ExplainJob
 from ..explanation import Explanation, Node
 from ..inputs import Inputs
-from ..prediction import Prediction
 from ..options import MAX_TOP_K, ExplainOptions
+from ..prediction import Prediction
 from ..wire import messages, pb
 from ..wire.messages import OutputOptions
 from .batching import Batcher
@@ -145,7 +145,7 @@ class GapServicer:
         if size > self.max_response_bytes:
             description = (f"the {what} take {size} bytes, more than the server's max_response_bytes "
                            f"({self.max_response_bytes}): send fewer inputs per request")
-            raise ResourceLimitError(f"inputs: {description}", (FieldViolation("inputs", description),))
+            raise exceeded("inputs", description)
         return response
 
     # -- explanations ---------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class GapServicer:
             description = (f"{len(call.inputs)} trees of top_k={call.options.top_k} over {call.options.depth} levels with "
                            f"these output options may take {bound} bytes, more than the server's max_response_bytes "
                            f"({self.max_response_bytes}): send fewer inputs, or ask for float16 maps, map_levels or omit_maps")
-            raise ResourceLimitError(f"inputs: {description}", (FieldViolation("inputs", description),))
+            raise exceeded("inputs", description)
         jobs = [ExplainJob(inputs, call.options, on_level=self._counter(call), should_stop=lambda: not context.is_active())
                 for inputs in call.inputs]
         results = self._explain_all(call, context, jobs)
